@@ -1,0 +1,1 @@
+"""Cohort description (manifests) and the deterministic demo cohort."""

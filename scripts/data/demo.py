@@ -1,0 +1,193 @@
+"""Deterministic demo cohort: pyramidal TIFF slides whose label shows only across scales.
+
+Every slide holds tissue on a white background with nuclei everywhere and four structures:
+
+* ``T``  fine texture: a disc of dense small dots (period 4 µm) — visible at 20x/10x, a flat tint at 5x;
+* ``R+S`` a ring (visible only in a 5x field of view) around a smooth tint of the same mean colour as ``T``;
+* ``R+T`` the lesion: the same ring around the fine texture.
+
+At 5x the lesion and ``R+S`` look alike; at 20x the lesion and ``T`` look alike. Only the combination of
+the 20x texture and the 5x ring at one location tells a positive slide (it holds >= 1 lesion) from a
+negative one (``T`` and ``R+S`` only). Lesion masks are written for scoring attention maps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from scripts.cache import atomic_write_json, stable_hash
+from scripts.data.manifest import SlideRecord, write_manifest
+from scripts.wsi.pyramid import write_pyramid
+
+logger = logging.getLogger(__name__)
+
+DEMO_VERSION = 1
+BACKGROUND = np.array([242, 240, 244], np.float32)
+STROMA = np.array([232, 168, 200], np.float32)
+NUCLEUS = np.array([118, 62, 150], np.float32)
+DOT = np.array([80, 30, 110], np.float32)
+RING = np.array([196, 110, 168], np.float32)
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    """Demo cohort parameters (the cohort is a pure function of these).
+
+    Attributes:
+        num_patients: patients (half positive, rounded down).
+        slides_per_patient: slides per patient (same label).
+        size: level-0 edge of each square slide in pixels.
+        mpp: level-0 microns per pixel (0.5 = 20x).
+        downsamples: pyramid levels written.
+        ring_radius_um: inner radius of the ring (keep > half the 10x field of view, 128 µm).
+        texture_radius_um: radius of the texture / tint disc.
+        compression: TIFF compression.
+        seed: master seed.
+        mask_mpp: resolution of the written lesion masks.
+    """
+
+    num_patients: int = 20
+    slides_per_patient: int = 1
+    size: int = 2560
+    mpp: float = 0.5
+    downsamples: Sequence[int] = (1, 2, 4, 8)
+    ring_radius_um: float = 150.0
+    ring_width_um: float = 60.0
+    texture_radius_um: float = 120.0
+    compression: str = "jpeg"
+    seed: int = 0
+    mask_mpp: float = 8.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["downsamples"] = list(self.downsamples)
+        return d
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float, coarse: int = 8) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1], made on a coarse grid then upsampled (cheap)."""
+    small = rng.standard_normal((shape[0] // coarse + 2, shape[1] // coarse + 2)).astype(np.float32)
+    small = ndimage.gaussian_filter(small, sigma / coarse)
+    small /= small.std() + 1e-6
+    big = ndimage.zoom(small, coarse, order=1)[: shape[0], : shape[1]]
+    return np.clip(big / 2.5, -1, 1)
+
+
+def _disc(radius: float) -> np.ndarray:
+    r = int(np.ceil(radius))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+def _dots(rng: np.random.Generator, shape: tuple[int, int], density: float, radius: float) -> np.ndarray:
+    impulses = rng.random(shape, dtype=np.float32) < density
+    return ndimage.binary_dilation(impulses, structure=_disc(radius))
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, int], period: int) -> np.ndarray:
+    """Jittered lattice of 1-px-radius dots (fine texture), as a float coverage map."""
+    cov = np.zeros(shape, np.float32)
+    ys = np.arange(period // 2, shape[0], period)
+    xs = np.arange(period // 2, shape[1], period)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    gy = np.clip(gy + rng.integers(-1, 2, gy.shape), 0, shape[0] - 1)
+    gx = np.clip(gx + rng.integers(-1, 2, gx.shape), 0, shape[1] - 1)
+    cov[gy, gx] = 1.0
+    return ndimage.binary_dilation(cov > 0, structure=_disc(1.2)).astype(np.float32)
+
+
+def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Render one slide: (level-0 RGB uint8, lesion mask at level 0 (bool), structure list)."""
+    n = params.size
+    px = 1.0 / params.mpp  # pixels per micron
+    shape = (n, n)
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    # tissue: a blobby ellipse covering most of the slide
+    cx, cy = n / 2 + rng.uniform(-0.03, 0.03) * n, n / 2 + rng.uniform(-0.03, 0.03) * n
+    ax, ay = n * rng.uniform(0.44, 0.48), n * rng.uniform(0.44, 0.48)
+    field = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 + 0.15 * _smooth_noise(rng, shape, n / 10)
+    tissue = field < 1.0
+    img = np.broadcast_to(BACKGROUND, (n, n, 3)).copy()
+    shade = _smooth_noise(rng, shape, 80 * px)[..., None]
+    img[tissue] = (STROMA + 14 * shade)[tissue]
+    nuclei = _dots(rng, shape, 1 / 900, 3.0 * px / 2) & tissue
+    img[nuclei] = NUCLEUS + rng.normal(0, 6, (int(nuclei.sum()), 3)).astype(np.float32)
+
+    # four structure slots in a 2x2 layout; kinds depend on the label
+    kinds = ["R+T", "T", "R+S", str(rng.choice(["R+T", "T", "R+S"]))] if label else ["T", "R+S", "T", "R+S"]
+    rng.shuffle(kinds)
+    lesion = np.zeros(shape, bool)
+    structures = []
+    tex_r, ring_r, ring_w = params.texture_radius_um * px, params.ring_radius_um * px, params.ring_width_um * px
+    half = int(np.ceil(ring_r + ring_w + 2))
+    for slot, kind in enumerate(kinds):
+        sx = (0.28 + 0.44 * (slot % 2)) * n + rng.uniform(-0.03, 0.03) * n
+        sy = (0.28 + 0.44 * (slot // 2)) * n + rng.uniform(-0.03, 0.03) * n
+        # work in a window around the structure only
+        x0, y0 = max(int(sx) - half, 0), max(int(sy) - half, 0)
+        x1, y1 = min(int(sx) + half + 1, n), min(int(sy) + half + 1, n)
+        win = img[y0:y1, x0:x1]
+        r = np.hypot(xx[y0:y1, x0:x1] - sx, yy[y0:y1, x0:x1] - sy)
+        disc = np.clip(tex_r - r + 1, 0, 1)[..., None]  # anti-aliased disc
+        if "T" in kind or "S" in kind:
+            cov = _texture(rng, r.shape, period=int(round(4 * px)))
+            if "S" in kind:  # same mean colour at coarse scale, no fine structure
+                cov = ndimage.gaussian_filter(cov, 6 * px)
+            a = disc * cov[..., None] * 0.85
+            win[:] = win * (1 - a) + DOT * a
+        if "R" in kind:
+            band = np.clip(1 - np.abs(r - ring_r - ring_w / 2) / (ring_w / 2), 0, 1)[..., None] * 0.7
+            win[:] = win * (1 - band) + RING * band
+        if kind == "R+T":
+            lesion[y0:y1, x0:x1] |= r <= tex_r
+        structures.append({"kind": kind, "centre_xy": [float(sx), float(sy)]})
+    img += 3 * rng.standard_normal(img.shape, dtype=np.float32)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return img, lesion, structures
+
+
+def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, progress: bool = True) -> Path:
+    """Write the demo cohort (slides, lesion masks, ``manifest.csv``) into ``dataset_dir``; idempotent.
+
+    The manifest is written last, atomically, with a ``demo.json`` stamp of the parameters: a folder with
+    both and a matching stamp is complete and is left untouched.
+    """
+    params = params or DemoParams()
+    root = Path(dataset_dir)
+    manifest = root / "manifest.csv"
+    stamp = root / "demo.json"
+    key = stable_hash({"version": DEMO_VERSION, **params.to_dict()})
+    if manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return manifest
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    n_pos = params.num_patients // 2
+    records = []
+    info = {}
+    jobs = [(p, s) for p in range(params.num_patients) for s in range(params.slides_per_patient)]
+    for p, s in tqdm(jobs, desc="demo slides", disable=not progress):
+        label = int(p % 2 == 1 and p // 2 < n_pos) if params.num_patients > 1 else 1
+        slide_id = f"demo-p{p:03d}-s{s}"
+        rng = np.random.default_rng([params.seed, p, s])
+        img, lesion, structures = render_slide(label, params, rng)
+        path = root / "slides" / f"{slide_id}.tif"
+        write_pyramid(path, img, params.mpp, params.downsamples, compression=params.compression)
+        f = int(round(params.mask_mpp / params.mpp))
+        mask = lesion[: lesion.shape[0] // f * f, : lesion.shape[1] // f * f]
+        mask = mask.reshape(mask.shape[0] // f, f, mask.shape[1] // f, f).mean(axis=(1, 3)) >= 0.5
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"{slide_id}.png")
+        records.append(SlideRecord(slide_id, f"demo-p{p:03d}", str(path), label, None))
+        info[slide_id] = {"label": label, "structures": structures}
+    atomic_write_json(stamp, {"key": key, "params": params.to_dict(), "mask_mpp": params.mask_mpp, "slides": info})
+    write_manifest(manifest, records)
+    logger.info("demo cohort: %d slides (%d positive) in %s", len(records), sum(r.label for r in records), root)
+    return manifest

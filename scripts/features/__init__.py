@@ -1,0 +1,1 @@
+"""Patch encoders, the per-slide feature store, extraction and phenotype clustering."""

@@ -1,0 +1,143 @@
+"""Feature extraction: co-centred multi-scale patches -> one encoder per scale -> the feature store.
+
+All pending slides stream through one DataLoader (one slide handle per worker); each slide's features
+are gathered in memory ([N, S, D] float16, small) and its store entry is written atomically as soon as
+its last patch is encoded, so a killed run loses at most the slides in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from scripts.cache import atomic_dir, remove_stale_temporaries, stable_hash
+from scripts.data.manifest import SlideRecord
+from scripts.errors import BundleInputError
+from scripts.features.encoders import encoder_signature
+from scripts.features.store import FeatureEntry, is_complete
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+
+
+def _versions() -> dict:
+    import monai
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
+
+
+def entry_name(slide_id: str, tiles_dir: Path, encoders_sig: list[dict], preprocessing: dict) -> tuple[str, dict]:
+    """Store directory name and the provenance it hashes."""
+    provenance = {
+        "version": STORE_VERSION,
+        "tiles": Path(tiles_dir).name,  # already a hash of slide fingerprint + tiling parameters
+        "encoders": encoders_sig,
+        "preprocessing": preprocessing,
+    }
+    return f"{slide_id}-{stable_hash(provenance)}", provenance
+
+
+def extract_cohort(
+    records: Sequence[SlideRecord],
+    tiles_dirs: Sequence[Path],
+    store_dir: str | Path,
+    encoders: Sequence[torch.nn.Module],
+    encoder_arch: str,
+    transform: Callable,
+    scale_keys: Sequence[str],
+    preprocessing: dict | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[FeatureEntry]:
+    """Encode every slide that has no store entry yet; return the entries of all slides, in order."""
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(store_dir)
+    device = torch.device(device)
+    sigs = [encoder_signature(e, encoder_arch) for e in encoders]
+    preprocessing = preprocessing or {}
+    targets, pending = [], []
+    for rec, tdir in zip(records, tiles_dirs):
+        name, prov = entry_name(rec.slide_id, Path(tdir), sigs, preprocessing)
+        targets.append(store_dir / name)
+        if not is_complete(store_dir / name):
+            pending.append((rec, Path(tdir), store_dir / name, prov))
+    if pending:
+        logger.info("extracting features of %d / %d slides", len(pending), len(records))
+        _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress)
+    return [FeatureEntry(t) for t in targets]
+
+
+def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> None:
+    items, counts = [], []
+    for si, (rec, tdir, _, _) in enumerate(pending):
+        coords = np.load(tdir / "coords.npy")
+        mpp = float("nan") if rec.mpp is None else float(rec.mpp)
+        items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "slide_index": si} for c in coords]
+        counts.append(len(coords))
+    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    encoders = [e.to(device).eval() for e in encoders]
+    cuda = device.type == "cuda"
+    encoders = [e.to(memory_format=torch.channels_last) for e in encoders]  # faster on CPU and GPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    dim = None
+    buffers: dict[int, np.ndarray] = {}
+    filled = [0] * len(pending)
+    bar = tqdm(total=len(items), desc="extract patches", unit="patch", disable=not progress)
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            feats = []
+            for enc, key in zip(encoders, scale_keys):
+                x = torch.as_tensor(batch[key]).to(device, non_blocking=True)
+                x = x.contiguous(memory_format=torch.channels_last)
+                feats.append(enc(x).float())
+            f = torch.stack(feats, dim=1).cpu().numpy()  # [B, S, D]
+            dim = f.shape[-1]
+            slide_idx = np.asarray(batch["slide_index"]).ravel()
+            for si in np.unique(slide_idx):
+                rows = f[slide_idx == si]
+                buf = buffers.setdefault(int(si), np.empty((counts[si], len(encoders), dim), np.float16))
+                buf[filled[si] : filled[si] + len(rows)] = rows
+                filled[si] += len(rows)
+                if filled[si] == counts[si]:
+                    _write_entry(pending[si], buffers.pop(int(si)))
+            bar.update(len(slide_idx))
+    bar.close()
+
+
+def _write_entry(job, features: np.ndarray) -> None:
+    rec, tdir, target, prov = job
+    if not np.isfinite(features).all():
+        raise BundleInputError(
+            rec.path, "encoder produced NaN/Inf features", "check the encoder weights and the intensity normalisation"
+        )
+    tiles_meta = json.loads((tdir / "meta.json").read_text())
+    meta = {
+        **prov,
+        "slide_id": rec.slide_id,
+        "patient_id": rec.patient_id,
+        "label": rec.label,
+        "slide_path": rec.path,
+        "num_patches": int(features.shape[0]),
+        "shape": list(features.shape),
+        "scales_mpp": tiles_meta["tiling"]["scales_mpp"],
+        "tiles_dir": str(tdir),
+        "packages": _versions(),
+    }
+    with atomic_dir(target) as tmp:
+        np.save(tmp / "features.npy", features)
+        np.save(tmp / "coords.npy", np.load(tdir / "coords.npy"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    logger.debug("wrote %s", target)

@@ -1,0 +1,60 @@
+"""Per-slide feature store (DESIGN.md Sec. 4).
+
+One directory per slide, named ``<slide_id>-<hash of provenance>``::
+
+    features.npy   float16 [N, S, D], read memory-mapped
+    coords.npy     int64 [N, 2] level-0 patch centres (x, y)
+    meta.json      provenance: tiles entry, encoder weights hash, preprocessing, package versions
+    clusters.npy   int64 [N] phenotype cluster per patch (written by the cluster stage)
+    clusters.json  the clustering parameters that produced clusters.npy
+
+Entries are written under a temporary name and renamed (see :mod:`scripts.cache`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FeatureEntry:
+    """Read access to one slide's store entry."""
+
+    path: Path
+
+    @cached_property
+    def meta(self) -> dict:
+        return json.loads((self.path / "meta.json").read_text())
+
+    @property
+    def slide_id(self) -> str:
+        return self.meta["slide_id"]
+
+    def features(self, mmap: bool = True) -> np.ndarray:
+        """float16 [N, S, D] (memory-mapped unless ``mmap=False``)."""
+        return np.load(self.path / "features.npy", mmap_mode="r" if mmap else None)
+
+    def coords(self) -> np.ndarray:
+        return np.load(self.path / "coords.npy")
+
+    def clusters(self) -> np.ndarray | None:
+        p = self.path / "clusters.npy"
+        return np.load(p) if p.is_file() else None
+
+    def cluster_params(self) -> dict | None:
+        p = self.path / "clusters.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.meta["num_patches"])
+
+
+def is_complete(entry_dir: Path) -> bool:
+    """An entry exists only once it was renamed into place; meta.json is written last inside it."""
+    return (entry_dir / "meta.json").is_file() and (entry_dir / "features.npy").is_file()

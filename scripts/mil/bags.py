@@ -1,0 +1,126 @@
+"""Bags drawn evenly from phenotype clusters.
+
+A bag holds ``num_clusters`` x ``per_cluster`` slots laid out cluster-major (slot ``k * per_cluster + j``
+belongs to cluster ``k``), so networks can pool inside clusters and then across them. Slots a cluster
+cannot fill (empty or small clusters, sampling without replacement) are masked out.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from scripts.features.store import FeatureEntry
+
+
+def sample_bag(
+    clusters: np.ndarray, num_clusters: int, per_cluster: int, rng: np.random.Generator, replacement: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch indices [K*M] (-1 where empty) and mask [K*M] of one bag."""
+    idx = np.full(num_clusters * per_cluster, -1, dtype=np.int64)
+    for k in range(num_clusters):
+        members = np.flatnonzero(clusters == k)
+        if len(members) == 0:
+            continue
+        if replacement:
+            pick = rng.choice(members, size=per_cluster, replace=True)
+        else:
+            pick = rng.permutation(members)[:per_cluster]
+        idx[k * per_cluster : k * per_cluster + len(pick)] = pick
+    return idx, idx >= 0
+
+
+def gather_bag(features: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    """[S, K*M, D] float32 features of a bag (zeros in masked slots)."""
+    s, d = features.shape[1], features.shape[2]
+    out = np.zeros((len(idx), s, d), np.float32)
+    valid = idx >= 0
+    out[valid] = features[idx[valid]]
+    return torch.from_numpy(out).permute(1, 0, 2).contiguous()
+
+
+class _SlideCache:
+    """Features loaded once per slide (float16 in RAM; the demo and typical cohorts fit)."""
+
+    def __init__(self, entries: Sequence[FeatureEntry]) -> None:
+        self.entries = list(entries)
+        self.features = [np.asarray(e.features(mmap=False)) for e in self.entries]
+        self.clusters = []
+        for e in self.entries:
+            c = e.clusters()
+            if c is None:
+                raise ValueError(f"{e.path}: no clusters.npy; run the cluster stage first")
+            self.clusters.append(c)
+        self.labels = [int(e.meta["label"]) for e in self.entries]
+
+
+class BagDataset(Dataset):
+    """Training bags: ``bags_per_slide`` random bags per slide per epoch.
+
+    Items: ``{"image": [S, K*M, D], "mask": [K*M] bool, "label": int, "slide_index": int}``.
+    Bags differ between epochs and are reproducible for a seed (the random stream is advanced by the
+    DataLoader order, which MONAI's ``set_determinism`` seeds).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[FeatureEntry],
+        num_clusters: int = 8,
+        per_cluster: int = 8,
+        bags_per_slide: int = 4,
+        replacement: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.cache = _SlideCache(entries)
+        self.k, self.m, self.r = num_clusters, per_cluster, bags_per_slide
+        self.replacement = replacement
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.cache.entries) * self.r
+
+    def __getitem__(self, i: int) -> dict:
+        si = i // self.r
+        idx, mask = sample_bag(self.cache.clusters[si], self.k, self.m, self.rng, self.replacement)
+        return {
+            "image": gather_bag(self.cache.features[si], idx),
+            "mask": torch.from_numpy(mask),
+            "label": torch.tensor(self.cache.labels[si]),
+            "slide_index": si,
+        }
+
+
+class SlideBagsDataset(Dataset):
+    """Evaluation: one item per slide holding ``num_bags`` fixed bags: image [R, S, K*M, D], mask [R, K*M].
+
+    Bags are a pure function of ``(seed, slide index)``, so every evaluation sees the same bags.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[FeatureEntry],
+        num_clusters: int = 8,
+        per_cluster: int = 8,
+        num_bags: int = 10,
+        replacement: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.cache = _SlideCache(entries)
+        self.k, self.m, self.r = num_clusters, per_cluster, num_bags
+        self.replacement, self.seed = replacement, seed
+
+    def __len__(self) -> int:
+        return len(self.cache.entries)
+
+    def __getitem__(self, si: int) -> dict:
+        rng = np.random.default_rng([self.seed, si])
+        bags = [sample_bag(self.cache.clusters[si], self.k, self.m, rng, self.replacement) for _ in range(self.r)]
+        return {
+            "image": torch.stack([gather_bag(self.cache.features[si], idx) for idx, _ in bags]),
+            "mask": torch.stack([torch.from_numpy(m) for _, m in bags]),
+            "label": torch.tensor(self.cache.labels[si]),
+            "slide_index": si,
+        }

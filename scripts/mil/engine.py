@@ -1,0 +1,58 @@
+"""Glue between bags and MONAI/ignite engines: batch preparation and the multi-bag inferer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+
+
+class PrepareBagBatch:
+    """``prepare_batch`` for MONAI engines: returns ``(image, label, (), {"mask": mask})``."""
+
+    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any):
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+        label = batchdata["label"].long().to(device=device, non_blocking=non_blocking)
+        mask = batchdata["mask"].to(device=device, non_blocking=non_blocking)
+        return image, label, (), {"mask": mask}
+
+
+class BagEnsembleInferer(Inferer):
+    """Slide prediction from R bags: input [B, R, S, N, D] + mask [B, R, N] -> log of the mean class
+    probability over bags, [B, C]. Cross-entropy on these log-probabilities equals the NLL of the
+    averaged prediction (the paper's test-time protocol)."""
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, mask: torch.Tensor | None = None, **kwargs: Any):
+        b, r = inputs.shape[:2]
+        flat_mask = None if mask is None else mask.reshape(b * r, -1)
+        logits = network(inputs.reshape(b * r, *inputs.shape[2:]), mask=flat_mask)
+        probs = torch.softmax(logits.float(), dim=-1).reshape(b, r, -1).mean(dim=1)
+        return probs.clamp_min(1e-7).log()
+
+
+def positive_probability(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """ignite ``output_transform``: (P(class 1), label) from an engine output with log-prob ``pred``."""
+    pred, label = output["pred"], output["label"]
+    return torch.softmax(pred.float(), dim=-1)[:, 1], label
+
+
+def pred_and_label(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """ignite ``output_transform``: (pred, label)."""
+    return output["pred"], output["label"]
+
+
+def _auc_or_nan(y_pred: torch.Tensor, y: torch.Tensor) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y_true = y.cpu().numpy()
+    if len(set(y_true.tolist())) < 2:
+        return float("nan")  # undefined with one class (tiny validation sets)
+    return float(roc_auc_score(y_true, y_pred.cpu().numpy()))
+
+
+def roc_auc_metric(output_transform=positive_probability):
+    """Slide-level ROC AUC as an ignite ``EpochMetric`` (sklearn), NaN when only one class is present."""
+    from ignite.metrics import EpochMetric
+
+    return EpochMetric(_auc_or_nan, output_transform=output_transform, check_compute_fn=False)

@@ -1,0 +1,1 @@
+"""Stage orchestration, patient-level splits and ignite handlers."""

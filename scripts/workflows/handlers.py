@@ -1,0 +1,55 @@
+"""ignite handlers specific to this bundle."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from scripts.cache import atomic_write_json
+
+logger = logging.getLogger("csmil.training")
+
+
+class ValidationSummary:
+    """Tracks the validation metrics of every epoch and, when training ends, logs and saves the epoch
+    with the lowest ``key`` (validation loss): ``<output>/training_summary.json``.
+
+    Attach to the trainer with the evaluator given (``train#handlers`` in configs/train.yaml).
+    """
+
+    def __init__(self, evaluator: Engine, output_file: str | Path, key: str = "val_loss", extra: dict | None = None) -> None:
+        self.evaluator = evaluator
+        self.output_file = Path(output_file)
+        self.key = key
+        self.history: list[dict[str, Any]] = []
+        self.extra = extra or {}
+
+    def attach(self, engine: Engine) -> None:
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._record, engine)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _record(self, _evaluator: Engine, trainer: Engine) -> None:
+        metrics = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        self.history.append({"epoch": int(trainer.state.epoch), **metrics})
+
+    def best(self) -> dict[str, Any] | None:
+        valid = [h for h in self.history if self.key in h and not math.isnan(h[self.key])]
+        return min(valid, key=lambda h: h[self.key]) if valid else None
+
+    def _finish(self, trainer: Engine) -> None:
+        best = self.best()
+        summary = {"best": best, "history": self.history, "epochs": int(trainer.state.epoch), **self.extra}
+        atomic_write_json(self.output_file, summary)
+        if best is None:
+            logger.warning("training finished without validation metrics")
+            return
+        auc = best.get("val_auc", float("nan"))
+        msg = (
+            f"best validation epoch {best['epoch']}: loss {best[self.key]:.4f}, "
+            f"AUC {auc:.4f}, accuracy {best.get('val_acc', float('nan')):.4f} (summary: {self.output_file})"
+        )
+        logger.info("Validation AUC: %.4f  (%s)", auc, msg)

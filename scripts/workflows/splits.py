@@ -1,0 +1,69 @@
+"""Patient-level, label-stratified splits with a leakage guard."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from scripts.errors import BundleInputError
+
+
+def check_no_leakage(partitions: dict[str, Sequence[str]], patient_of: dict[str, str]) -> None:
+    """Raise if one patient has slides in two partitions (``partitions`` maps name -> slide ids)."""
+    owner: dict[str, str] = {}
+    for name, slides in partitions.items():
+        for sid in slides:
+            pid = patient_of[sid]
+            if owner.setdefault(pid, name) != name:
+                raise BundleInputError(
+                    f"slide {sid}", f"patient '{pid}' appears in both '{owner[pid]}' and '{name}'",
+                    "assign all slides of a patient to one partition (fix the manifest's 'split' column)",
+                )
+
+
+def train_val_split(
+    slide_ids: Sequence[str], patient_ids: Sequence[str], labels: Sequence[int], val_fraction: float = 0.25, seed: int = 0,
+    fold: int = 0, given: Sequence[str | None] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Indices of training and validation slides.
+
+    Uses the manifest's ``split`` column when present (``train``/``val``), otherwise a patient-grouped,
+    label-stratified fold (``StratifiedGroupKFold`` with ``round(1 / val_fraction)`` folds).
+    """
+    n = len(slide_ids)
+    patient_of = dict(zip(slide_ids, patient_ids))
+    if given is not None and any(given):
+        tr = [i for i in range(n) if (given[i] or "train") == "train"]
+        va = [i for i in range(n) if given[i] in ("val", "valid", "validation")]
+    else:
+        n_splits = max(2, int(round(1 / val_fraction)))
+        n_pat = len(set(patient_ids))
+        if n_pat < n_splits:
+            raise BundleInputError(None, f"{n_pat} patients cannot make {n_splits} patient-level folds", "add patients or raise 'val_fraction'")
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        folds = list(sgkf.split(np.zeros(n), np.asarray(labels), groups=np.asarray(patient_ids)))
+        tr, va = (list(map(int, f)) for f in folds[fold % n_splits])
+    check_no_leakage({"train": [slide_ids[i] for i in tr], "val": [slide_ids[i] for i in va]}, patient_of)
+    if not tr or not va:
+        raise BundleInputError(None, "empty training or validation partition", "check the manifest's 'split' column or 'val_fraction'")
+    return tr, va
+
+
+def split_entries(entries: Sequence, manifest=None, val_fraction: float = 0.25, seed: int = 0, fold: int = 0) -> dict[str, list]:
+    """Split feature-store entries into ``{"train": [...], "val": [...]}`` by patient.
+
+    The manifest's ``split`` column (``train``/``val``) wins when it is filled in.
+    """
+    from scripts.data.manifest import read_manifest
+
+    ids = [e.meta["slide_id"] for e in entries]
+    given = None
+    if manifest is not None:
+        by_id = {r.slide_id: r.split for r in read_manifest(manifest, check_paths=False) if r.slide_id in set(ids)}
+        given = [by_id.get(i) for i in ids]
+    tr, va = train_val_split(
+        ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], val_fraction, seed, fold, given
+    )
+    return {"train": [entries[i] for i in tr], "val": [entries[i] for i in va]}

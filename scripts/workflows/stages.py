@@ -1,0 +1,68 @@
+"""Stage functions called from the configs, and the chaining between stage configs.
+
+Each stage config (``configs/<stage>.yaml``) defines a key named after the stage that returns its
+results. A stage that needs an earlier one calls :func:`run_stage`, which parses the earlier stage's
+config with the shared ids of ``configs/common.yaml`` (``stage_overrides``) and evaluates it; every
+stage is cached, so this only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from monai.bundle import ConfigParser
+from tqdm import tqdm
+
+from scripts.data.demo import DemoParams, generate_demo
+from scripts.data.manifest import SlideRecord, read_manifest
+from scripts.errors import BundleInputError
+from scripts.features.store import FeatureEntry
+from scripts.wsi.tiling import TilingParams, prepare_slide
+
+logger = logging.getLogger(__name__)
+
+
+def run_stage(bundle_root: str | Path, stage: str, overrides: Mapping[str, Any]) -> Any:
+    """Parse ``configs/<stage>.yaml`` with ``overrides`` and return the value of its ``<stage>`` key."""
+    config = Path(bundle_root) / "configs" / f"{stage}.yaml"
+    if not config.is_file():
+        raise BundleInputError(config, f"stage config for '{stage}' not found", "run from the bundle root or pass --bundle_root")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    for key, value in overrides.items():
+        parser[key] = value
+    logger.info("stage '%s' (%s)", stage, config)
+    return parser.get_parsed_content(stage, lazy=True)
+
+
+def cohort_records(
+    manifest: str | Path, label_map: Mapping[str, int] | None = None, demo: DemoParams | None = None, progress: bool = True
+) -> list[SlideRecord]:
+    """Validated manifest records; builds the demo cohort first when ``demo`` is given and the manifest is missing."""
+    manifest = Path(manifest)
+    if demo is not None and not manifest.is_file():
+        logger.info("no manifest at %s: generating the demo cohort there", manifest)
+        generate_demo(manifest.parent, demo, progress=progress)
+    return read_manifest(manifest, label_map)
+
+
+def prepare_cohort(
+    records: Sequence[SlideRecord], cache_dir: str | Path, tiling: TilingParams, progress: bool = True
+) -> dict[str, list]:
+    """Tile every slide (cached). Returns ``{"records": [...], "tiles": [entry dirs]}``."""
+    tiles = [
+        prepare_slide(r.slide_id, r.path, cache_dir, tiling, mpp=r.mpp)
+        for r in tqdm(records, desc="prepare slides", disable=not progress)
+    ]
+    return {"records": list(records), "tiles": tiles}
+
+
+def slide_table(entries: Sequence[FeatureEntry]) -> dict[str, list]:
+    """Columns (slide_id, patient_id, label, split) of store entries, for splitting."""
+    return {
+        "slide_id": [e.meta["slide_id"] for e in entries],
+        "patient_id": [e.meta["patient_id"] for e in entries],
+        "label": [int(e.meta["label"]) for e in entries],
+    }

@@ -1,0 +1,251 @@
+"""mpp-driven multi-scale access to one whole-slide image, wrapping MONAI's :class:`monai.data.WSIReader`.
+
+MONAI's reader snaps a requested mpp to an existing pyramid level (within a tolerance) but never
+resamples. Here each physical scale (e.g. 0.5 / 1 / 2 µm per px) is *planned*: read from the level whose
+mpp is the largest not above the target, then area-resize the region to the exact target. Regions of all
+scales share one level-0 centre (co-centred patches).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import WSIReader
+
+from scripts.errors import BundleInputError
+
+logger = logging.getLogger(__name__)
+
+#: sane range of level-0 resolutions (µm per px); outside it the metadata is wrong or the file is no slide
+MPP_RANGE = (0.05, 20.0)
+BACKENDS = ("openslide", "cucim", "tifffile")
+WHITE = 255
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """How to produce one ``out_size`` patch at ``target_mpp``: read ``region`` px at ``level``, resize."""
+
+    target_mpp: float
+    level: int
+    level_mpp: float
+    level_downsample: float
+    region: int
+    out_size: int
+
+    @property
+    def resample(self) -> bool:
+        """True when the region must be resized (no pyramid level has the target mpp)."""
+        return self.region != self.out_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SlideReader:
+    """One opened slide: levels, mpp, co-centred region reads.
+
+    Args:
+        path: slide file.
+        backend: MONAI WSIReader backend: ``openslide`` (default, CPU), ``cucim`` (GPU installs) or ``tifffile``.
+        mpp: level-0 microns per pixel overriding the file's metadata (required when the file has none).
+        snap_rtol: relative tolerance within which a level counts as having the target mpp (no resize).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        backend: str = "openslide",
+        mpp: float | None = None,
+        snap_rtol: float = 0.05,
+    ) -> None:
+        self.path = Path(path)
+        if backend not in BACKENDS:
+            raise BundleInputError(self.path, f"unknown WSI backend '{backend}'", f"use one of {BACKENDS}")
+        if not self.path.is_file():
+            raise BundleInputError(self.path, "slide file not found", "check the manifest path (relative paths are resolved against the manifest's folder)")
+        self.backend = backend
+        self.snap_rtol = snap_rtol
+        self.reader = WSIReader(backend=backend)
+        try:
+            self.wsi = self.reader.read(str(self.path))
+            self.level_count = int(self.reader.get_level_count(self.wsi))
+            self.level_dims = [tuple(int(v) for v in self.reader.get_size(self.wsi, lv)) for lv in range(self.level_count)]
+            self.downsamples = [float(self.reader.get_downsample_ratio(self.wsi, lv)) for lv in range(self.level_count)]
+        except BundleInputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - every backend raises its own types
+            raise BundleInputError(
+                self.path,
+                f"cannot be opened as a whole-slide image with the {backend} backend ({type(err).__name__}: {err})",
+                "check that the file is a complete slide (re-copy it if the upload was truncated) or select another backend",
+            ) from err
+        self.mpp, self.mpp_source = self._resolve_mpp(mpp)
+
+    # ------------------------------------------------------------------ metadata
+    def _resolve_mpp(self, override: float | None) -> tuple[float, str]:
+        if override is not None and not (isinstance(override, float) and math.isnan(override)):
+            mpp, source = float(override), "override"
+        else:
+            mpp, source = self._metadata_mpp(), "metadata"
+            if mpp is None:
+                raise BundleInputError(
+                    self.path,
+                    "slide metadata has no microns-per-pixel (mpp)",
+                    "add an 'mpp' column to the manifest (0.25 for 40x, 0.5 for 20x scans) or pass --mpp",
+                )
+        if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+            raise BundleInputError(
+                self.path,
+                f"level-0 resolution {mpp:g} µm/px ({source}) is outside the plausible range {MPP_RANGE}",
+                "give the correct mpp in the manifest's 'mpp' column",
+            )
+        return mpp, source
+
+    def _metadata_mpp(self) -> float | None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                mpp_y, mpp_x = self.reader.get_mpp(self.wsi, 0)
+            except Exception:  # noqa: BLE001 - no resolution information
+                return None
+        if any("unit is missing" in str(w.message) for w in caught):
+            return None  # MONAI would guess micrometres: refuse to guess
+        mpp = float(mpp_x)
+        if not mpp > 0 or not math.isfinite(mpp):
+            return None
+        if abs(mpp_y - mpp_x) > 0.01 * mpp:
+            logger.warning("%s: anisotropic pixels (%.4f x %.4f µm); using x", self.path, mpp_x, mpp_y)
+        return mpp
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Level-0 (height, width)."""
+        return self.level_dims[0]
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.downsamples[level]
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, target_mpp: float, out_size: int) -> ScalePlan:
+        """Choose the level for ``target_mpp`` (largest mpp not above it) and the region size to read."""
+        candidates = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= target_mpp * (1 + self.snap_rtol)]
+        if not candidates:
+            raise BundleInputError(
+                self.path,
+                f"requested scale {target_mpp:g} µm/px is finer than the slide's native {self.mpp:g} µm/px",
+                "remove that scale from 'scales_mpp' or use slides scanned at a higher magnification",
+            )
+        level = max(candidates, key=self.level_mpp)
+        factor = target_mpp / self.level_mpp(level)
+        region = out_size if abs(factor - 1) <= self.snap_rtol else int(round(out_size * factor))
+        return ScalePlan(
+            target_mpp=float(target_mpp),
+            level=level,
+            level_mpp=self.level_mpp(level),
+            level_downsample=self.downsamples[level],
+            region=region,
+            out_size=int(out_size),
+        )
+
+    def region_origin(self, centre_xy: tuple[float, float], plan: ScalePlan) -> tuple[int, int]:
+        """Top-left (x, y) in *level* pixels of the region centred on a level-0 centre."""
+        ds = plan.level_downsample
+        return (
+            int(round(centre_xy[0] / ds - plan.region / 2)),
+            int(round(centre_xy[1] / ds - plan.region / 2)),
+        )
+
+    def region_centre(self, centre_xy: tuple[float, float], plan: ScalePlan) -> tuple[float, float]:
+        """Level-0 centre actually covered by :meth:`read_region` (for co-centring checks)."""
+        x0, y0 = self.region_origin(centre_xy, plan)
+        ds = plan.level_downsample
+        return ((x0 + plan.region / 2) * ds, (y0 + plan.region / 2) * ds)
+
+    # ------------------------------------------------------------------ reading
+    def read_level_box(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Read a box in level coordinates as HxWx3 uint8; parts outside the slide are white."""
+        lh, lw = self.level_dims[level]
+        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
+        ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + w, lw), min(y0 + h, lh)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return out
+        ds = self.downsamples[level]
+        loc = (int(round(iy0 * ds)), int(round(ix0 * ds)))  # MONAI: (top, left) in level-0 pixels
+        try:
+            data, _ = self.reader.get_data(self.wsi, location=loc, size=(iy1 - iy0, ix1 - ix0), level=level)
+        except Exception as err:  # noqa: BLE001
+            raise BundleInputError(
+                self.path,
+                f"reading level {level} at ({ix0}, {iy0}) failed ({type(err).__name__}: {err})",
+                "the file is probably truncated or corrupt: re-copy or re-scan it",
+            ) from err
+        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = np.moveaxis(np.asarray(data), 0, -1)[..., :3]
+        return out
+
+    def read_region(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
+        """Read the (unresized) ``plan.region`` square around a level-0 centre: HxWx3 uint8."""
+        x0, y0 = self.region_origin(centre_xy, plan)
+        return self.read_level_box(plan.level, x0, y0, plan.region, plan.region)
+
+    def read_patch(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
+        """Read and area-resize to the exact target scale: ``out_size`` x ``out_size`` x 3 uint8."""
+        region = self.read_region(centre_xy, plan)
+        return resize_area(region, plan.out_size) if plan.resample else region
+
+    def thumbnail(self, target_mpp: float) -> np.ndarray:
+        """Whole slide at ``target_mpp`` (or the coarsest level if that is finer), HxWx3 uint8.
+
+        Reads the level just finer than the target in horizontal strips, so memory stays bounded by the
+        thumbnail, not by the level.
+        """
+        finer = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= target_mpp]
+        level = max(finer, key=self.level_mpp) if finer else self.level_count - 1
+        lh, lw = self.level_dims[level]
+        factor = max(1, int(target_mpp / self.level_mpp(level)))
+        out_h, out_w = max(1, int(lh * self.level_mpp(level) / target_mpp)), max(1, int(lw * self.level_mpp(level) / target_mpp))
+        strip = max(factor, (2048 // factor) * factor)
+        rows = []
+        for y in range(0, lh, strip):
+            h = min(strip, lh - y)
+            rows.append(_block_reduce(self.read_level_box(level, 0, y, lw, h), factor))
+        thumb = np.concatenate(rows, axis=0)
+        if thumb.shape[:2] != (out_h, out_w):
+            thumb = resize_area(thumb, (out_h, out_w))
+        return thumb
+
+    def close(self) -> None:
+        close = getattr(self.wsi, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _block_reduce(image: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return image
+    h, w = image.shape[0] // factor * factor, image.shape[1] // factor * factor
+    if h == 0 or w == 0:
+        return image[: max(h // factor, 0), : max(w // factor, 0)]
+    return image[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+def resize_area(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Area (box-average) resize of HxWx3 uint8 with torch, exact for integer factors."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    out = F.interpolate(t, size=hw, mode="area")[0].permute(1, 2, 0)
+    return out.round().clamp(0, 255).to(torch.uint8).numpy()

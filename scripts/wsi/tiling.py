@@ -1,0 +1,155 @@
+"""Grid of co-centred patch centres on tissue, and the cached ``prepare`` stage per slide."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from scripts.cache import atomic_dir, file_fingerprint, remove_stale_temporaries, stable_hash
+from scripts.errors import BundleInputError
+from scripts.wsi.slide import SlideReader
+from scripts.wsi.tissue import TissueParams, tissue_mask
+
+logger = logging.getLogger(__name__)
+
+TILING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Parameters of the patch grid (all saved with the output).
+
+    Attributes:
+        scales_mpp: physical scales of the co-centred patches (µm per px), finest first: 20x/10x/5x = 0.5/1/2.
+        patch_size: patch edge in pixels at every scale.
+        step_um: grid spacing in µm (default: the finest patch's extent, i.e. non-overlapping at 20x).
+        min_tissue: minimum tissue fraction inside the finest patch for its centre to be kept.
+        max_patches: keep at most this many centres per slide (seeded random subset; 0 = all).
+        seed: seed of that subset.
+        backend: WSI reader backend.
+        tissue: tissue-detection parameters.
+    """
+
+    scales_mpp: Sequence[float] = (0.5, 1.0, 2.0)
+    patch_size: int = 256
+    step_um: float | None = None
+    min_tissue: float = 0.5
+    max_patches: int = 0
+    seed: int = 0
+    backend: str = "openslide"
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scales_mpp"] = [float(s) for s in self.scales_mpp]
+        return d
+
+
+def grid_centres(
+    mask: np.ndarray, mask_mpp: float, slide_mpp: float, slide_hw: tuple[int, int], params: TilingParams, align: int
+) -> np.ndarray:
+    """Level-0 (x, y) centres on a regular grid whose finest-scale patch is mostly tissue.
+
+    Centres are multiples of ``align`` level-0 pixels so that every pyramid level used reads an
+    integer-aligned region with exactly the same centre (co-centring without sub-pixel shifts).
+    """
+    finest = min(params.scales_mpp)
+    extent_um = params.patch_size * finest
+    step_um = params.step_um or extent_um
+    step = max(align, int(round(step_um / slide_mpp / align)) * align)
+    h0, w0 = slide_hw
+    half = extent_um / slide_mpp / 2
+    first = int(math.ceil(half / align)) * align
+    xs = np.arange(first, w0 - half + 1, step)
+    ys = np.arange(first, h0 - half + 1, step)
+    if len(xs) == 0 or len(ys) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    # tissue fraction of the finest patch footprint, sampled from the mask with a box filter
+    box = max(1, int(round(extent_um / mask_mpp)))
+    frac = ndimage.uniform_filter(mask.astype(np.float32), size=box, mode="constant")
+    gx, gy = np.meshgrid(xs, ys)
+    mx = np.clip((gx * slide_mpp / mask_mpp).astype(int), 0, mask.shape[1] - 1)
+    my = np.clip((gy * slide_mpp / mask_mpp).astype(int), 0, mask.shape[0] - 1)
+    keep = frac[my, mx] >= params.min_tissue
+    centres = np.stack([gx[keep], gy[keep]], axis=1).astype(np.int64)
+    if params.max_patches and len(centres) > params.max_patches:
+        rng = np.random.default_rng(params.seed)
+        idx = np.sort(rng.choice(len(centres), size=params.max_patches, replace=False))
+        centres = centres[idx]
+    return centres
+
+
+def alignment(slide: SlideReader, scales_mpp: Sequence[float], patch_size: int) -> int:
+    """Level-0 grid alignment: the largest integer downsample among the levels the scales read from."""
+    ds = [slide.plan(s, patch_size).level_downsample for s in scales_mpp]
+    return max(1, max(int(round(d)) for d in ds))
+
+
+def prepare_slide(
+    slide_id: str,
+    path: str | Path,
+    cache_dir: str | Path,
+    params: TilingParams,
+    mpp: float | None = None,
+) -> Path:
+    """Tissue mask + patch centres for one slide, cached under ``cache_dir/tiles``; returns the entry dir.
+
+    The entry (``coords.npy`` level-0 centres (x, y), ``tissue.png`` QC mask, ``meta.json``) is named by a
+    hash of the slide fingerprint and the tiling parameters, and written atomically.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BundleInputError(path, f"slide '{slide_id}' not found", "fix the manifest's 'path' column (relative to the manifest's folder)")
+    provenance = {
+        "version": TILING_VERSION,
+        "slide": file_fingerprint(path),
+        "mpp_override": mpp,
+        "tiling": params.to_dict(),
+    }
+    root = Path(cache_dir) / "tiles"
+    entry = root / f"{slide_id}-{stable_hash(provenance)}"
+    if (entry / "meta.json").is_file():
+        return entry
+    remove_stale_temporaries(root)
+    with SlideReader(path, backend=params.backend, mpp=mpp) as slide:
+        plans = [slide.plan(s, params.patch_size) for s in params.scales_mpp]
+        thumb = slide.thumbnail(params.tissue.thumbnail_mpp)
+        mask_mpp = slide.size[1] * slide.mpp / thumb.shape[1]
+        mask, tissue_info = tissue_mask(thumb, params.tissue)
+        align = alignment(slide, params.scales_mpp, params.patch_size)
+        centres = grid_centres(mask, mask_mpp, slide.mpp, slide.size, params, align)
+        if len(centres) == 0:
+            raise BundleInputError(
+                path,
+                f"no tissue found (0 patch centres with >= {params.min_tissue:.0%} tissue)",
+                "check the slide is not blank, or lower 'tiling#min_tissue' / 'tiling#tissue#min_saturation'",
+            )
+        meta = {
+            **provenance,
+            "slide_id": slide_id,
+            "path": str(path.resolve()),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "level_dims": slide.level_dims,
+            "level_downsamples": slide.downsamples,
+            "plans": [p.to_dict() for p in plans],
+            "align": align,
+            "thumbnail_mpp": mask_mpp,
+            "tissue": tissue_info,
+            "num_patches": int(len(centres)),
+        }
+    with atomic_dir(entry) as tmp:
+        np.save(tmp / "coords.npy", centres)
+        Image.fromarray((mask * 255).astype(np.uint8)).save(tmp / "tissue.png")
+        Image.fromarray(thumb).save(tmp / "thumbnail.png")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    logger.info("%s: %d patch centres (mpp %.3f from %s)", slide_id, len(centres), meta["mpp"], meta["mpp_source"])
+    return entry
