@@ -42,6 +42,18 @@ def gather_bag(features: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out).permute(1, 0, 2).contiguous()
 
 
+def feature_stats(entries: Sequence[FeatureEntry], max_per_slide: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over all scales and (a seeded sample of) the patches of ``entries``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for e in entries:
+        f = e.features()
+        idx = np.sort(rng.choice(len(f), size=min(len(f), max_per_slide), replace=False))
+        rows.append(np.asarray(f[idx], dtype=np.float32).reshape(-1, f.shape[-1]))
+    x = np.concatenate(rows)
+    return torch.from_numpy(x.mean(0)), torch.from_numpy(x.std(0))
+
+
 class _SlideCache:
     """Features loaded once per slide (float16 in RAM; the demo and typical cohorts fit)."""
 

@@ -82,6 +82,10 @@ class CSMIL(nn.Module):
         self.hierarchical = pooling == "hierarchical"
         self.share_instance_encoder = share_instance_encoder
         self.scale_softmax = scale_softmax
+        # per-feature standardisation fitted on the training bags (see :meth:`set_input_stats`); part of
+        # the state dict, so checkpoints and TorchScript exports carry it
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
         n_enc = 1 if share_instance_encoder else num_clusters
         self.enc_weight = nn.Parameter(torch.empty(n_enc, in_features, hidden))
         self.enc_bias = nn.Parameter(torch.zeros(n_enc, hidden))
@@ -94,8 +98,16 @@ class CSMIL(nn.Module):
         self.cluster_attention = AttentionScore(hidden, attn_hidden, "tanh")
         self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
 
+    @torch.jit.ignore
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> "CSMIL":
+        """Standardise inputs as ``(x - mean) / std`` per feature (fit on training data); returns self."""
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
+        self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype).clamp_min(1e-6))
+        return self
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         b, s, n, d = x.shape
+        x = (x - self.input_mean) / self.input_std
         if self.share_instance_encoder:
             h = torch.matmul(x, self.enc_weight[0]) + self.enc_bias[0]
         else:

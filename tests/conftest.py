@@ -1,0 +1,85 @@
+"""Shared fixtures: generated pyramidal slides, the real Aperio slides, a tiny demo cohort."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.data.demo import DemoParams, generate_demo  # noqa: E402
+from scripts.wsi.pyramid import write_pyramid  # noqa: E402
+
+# Real slides shipped beside the repository (../shared/data); CSMIL_TEST_DATA overrides the folder.
+SHARED_DATA = Path(os.environ.get("CSMIL_TEST_DATA", ROOT.parent / "shared" / "data"))
+SCHEMA = Path(os.environ.get("CSMIL_META_SCHEMA", ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that collected no test must fail, not pass silently (pytest exit 5)."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        msg = f"{path} is missing (set CSMIL_TEST_DATA / CSMIL_META_SCHEMA to the shared test data)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cmu_svs() -> Path:
+    """Real Aperio SVS, 2220x2967, single level, mpp 0.499."""
+    return _require(SHARED_DATA / "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def tcga_svs() -> Path:
+    """Real Aperio slide with two levels and no mpp in its metadata."""
+    return _require(SHARED_DATA / "TCGA-CR-7395-01A-01-TS1.svs")
+
+
+@pytest.fixture(scope="session")
+def meta_schema() -> Path:
+    return _require(SCHEMA)
+
+
+@pytest.fixture(scope="session")
+def textured_image() -> np.ndarray:
+    """2048x2048 RGB level-0 image with structure at every scale (smooth gradient + fine checker)."""
+    yy, xx = np.mgrid[0:2048, 0:2048]
+    r = (xx * 255 // 2047).astype(np.uint8)
+    g = (yy * 255 // 2047).astype(np.uint8)
+    b = (((xx // 3 + yy // 5) % 2) * 200 + 20).astype(np.uint8)
+    return np.stack([r, g, b], axis=-1)
+
+
+@pytest.fixture(scope="session")
+def pyramid_1_4_16(tmp_path_factory, textured_image) -> Path:
+    """Lossless pyramid with only 1x/4x/16x levels at 0.5 µm/px (no 10x level)."""
+    path = tmp_path_factory.mktemp("pyr") / "levels_1_4_16.tif"
+    return write_pyramid(path, textured_image, mpp=0.5, downsamples=(1, 4, 16), compression="deflate")
+
+
+@pytest.fixture(scope="session")
+def pyramid_1_2_4(tmp_path_factory, textured_image) -> Path:
+    """Lossless pyramid with 1x/2x/4x levels at 0.5 µm/px (every scale has its level)."""
+    path = tmp_path_factory.mktemp("pyr") / "levels_1_2_4.tif"
+    return write_pyramid(path, textured_image, mpp=0.5, downsamples=(1, 2, 4), compression="deflate")
+
+
+TINY_DEMO = DemoParams(num_patients=4, size=1536, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """Manifest of a 4-patient demo cohort with small slides."""
+    return generate_demo(tmp_path_factory.mktemp("demo"), TINY_DEMO, progress=False)

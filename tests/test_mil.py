@@ -1,0 +1,114 @@
+"""CS-MIL network and cluster-balanced bags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.mil.bags import gather_bag, sample_bag
+from scripts.mil.engine import BagEnsembleInferer
+from scripts.mil.networks import CSMIL
+
+B, S, K, M, D = 2, 3, 4, 5, 16
+
+
+def _net(**kw) -> CSMIL:
+    torch.manual_seed(0)
+    return CSMIL(in_features=D, num_scales=S, num_clusters=K, hidden=8, attn_hidden=4, dropout=0.0, **kw).eval()
+
+
+VARIANTS = [
+    {},
+    {"share_scale_kernel": False, "scale_activation": "tanh"},
+    {"pooling": "flat", "scale_softmax": False},
+    {"share_instance_encoder": False},
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_output_shapes_and_attention_sums(kw):
+    net = _net(**kw)
+    x = torch.randn(B, S, K * M, D)
+    mask = torch.ones(B, K * M, dtype=torch.bool)
+    mask[0, M : 2 * M] = False  # cluster 1 empty in bag 0
+    mask[1, -2:] = False  # short last cluster in bag 1
+    logits, att = net.forward_attention(x, mask)
+    assert logits.shape == (B, 2)
+    assert att["scale"].shape == (B, K * M, S)
+    assert att["instance"].shape == (B, K * M)
+    assert att["cluster"].shape == (B, K)
+    if kw.get("scale_softmax", True):
+        torch.testing.assert_close(att["scale"].sum(-1), torch.ones(B, K * M))
+    # masked instances get no attention; the patch attention over a bag sums to 1
+    assert att["patch"][~mask].abs().max() == 0
+    torch.testing.assert_close(att["patch"].sum(-1), torch.ones(B))
+    if kw.get("pooling", "hierarchical") == "hierarchical":
+        per_cluster = att["instance"].reshape(B, K, M).sum(-1)
+        expected = torch.ones(B, K)
+        expected[0, 1] = 0  # the empty cluster
+        torch.testing.assert_close(per_cluster, expected)
+        assert att["cluster"][0, 1] == 0
+        torch.testing.assert_close(att["cluster"].sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_masked_slots_do_not_change_the_output(kw):
+    net = _net(**kw)
+    x = torch.randn(1, S, K * M, D)
+    mask = torch.ones(1, K * M, dtype=torch.bool)
+    mask[0, 3] = mask[0, 7] = False
+    y = x.clone()
+    y[:, :, [3, 7]] = 100 * torch.randn(S, 2, D)
+    torch.testing.assert_close(net(x, mask), net(y, mask))
+
+
+def test_instance_permutation_within_clusters_is_invariant():
+    net = _net()
+    x = torch.randn(1, S, K * M, D)
+    perm = torch.cat([torch.randperm(M) + k * M for k in range(K)])
+    torch.testing.assert_close(net(x), net(x[:, :, perm]), rtol=1e-5, atol=1e-6)
+
+
+def test_scale_attention_weights_scales():
+    """With softmax the fused embedding is a convex combination: a scale with a huge score dominates."""
+    net = _net()
+    x = torch.randn(1, S, K * M, D)
+    att = net.forward_attention(x)[1]["scale"]
+    assert torch.all(att >= 0) and torch.all(att <= 1)
+
+
+def test_wrong_input_shape_is_explained():
+    with pytest.raises(ValueError, match=r"expected bags \[B, 3, N, 16\]"):
+        _net()(torch.randn(1, 2, K * M, D))
+
+
+def test_sample_bag_draws_evenly_and_masks_short_clusters():
+    clusters = np.array([0] * 10 + [1] * 2 + [3] * 6)  # cluster 2 empty
+    idx, mask = sample_bag(clusters, num_clusters=4, per_cluster=4, rng=np.random.default_rng(0))
+    assert idx.shape == mask.shape == (16,)
+    assert mask.tolist() == [True] * 4 + [True, True, False, False] + [False] * 4 + [True] * 4
+    for k in range(4):
+        chosen = idx[k * 4 : (k + 1) * 4][mask[k * 4 : (k + 1) * 4]]
+        assert np.all(clusters[chosen] == k)
+        assert len(set(chosen.tolist())) == len(chosen)  # without replacement
+    idx_r, mask_r = sample_bag(clusters, 4, 4, np.random.default_rng(0), replacement=True)
+    assert mask_r.sum() == 12  # every non-empty cluster filled
+
+
+def test_gather_bag_layout():
+    feats = np.arange(5 * 3 * 2, dtype=np.float16).reshape(5, 3, 2)
+    idx = np.array([4, -1, 0])
+    bag = gather_bag(feats, idx)
+    assert bag.shape == (3, 3, 2)
+    torch.testing.assert_close(bag[:, 0], torch.from_numpy(feats[4].astype(np.float32)))
+    assert bag[:, 1].abs().sum() == 0
+
+
+def test_bag_ensemble_inferer_averages_probabilities():
+    net = _net()
+    x = torch.randn(2, 3, S, K * M, D)  # 2 slides x 3 bags
+    mask = torch.ones(2, 3, K * M, dtype=torch.bool)
+    out = BagEnsembleInferer()(x, net, mask=mask)
+    probs = torch.softmax(net(x.reshape(6, S, K * M, D)), -1).reshape(2, 3, 2).mean(1)
+    torch.testing.assert_close(out.exp(), probs)

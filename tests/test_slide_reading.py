@@ -1,0 +1,103 @@
+"""mpp-driven level choice, resampling and co-centring on generated pyramids and real Aperio slides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scripts.errors import BundleInputError
+from scripts.wsi.pyramid import area_downsample
+from scripts.wsi.slide import SlideReader
+from scripts.wsi.tiling import TilingParams, alignment, prepare_slide
+
+SCALES = (0.5, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_plan_picks_largest_level_not_above_target(pyramid_1_4_16, backend):
+    with SlideReader(pyramid_1_4_16, backend=backend) as s:
+        assert s.mpp == pytest.approx(0.5)
+        assert s.downsamples == pytest.approx([1.0, 4.0, 16.0])
+        p20, p10, p5 = (s.plan(m, 256) for m in SCALES)
+        assert (p20.level, p20.region, p20.resample) == (0, 256, False)
+        # no 1 µm/px level: read 512 px at level 0 and downsample by 2
+        assert (p10.level, p10.region, p10.resample) == (0, 512, True)
+        assert (p5.level, p5.region, p5.resample) == (1, 256, False)
+        p8 = s.plan(8.0, 256)
+        assert (p8.level, p8.region) == (2, 256)
+
+
+def test_missing_level_gives_exact_10x_patch(pyramid_1_4_16, textured_image):
+    """10x from a 1x/4x/16x pyramid equals the 2x area-downsample of the level-0 pixels around the centre."""
+    centre = (1024, 800)
+    with SlideReader(pyramid_1_4_16) as s:
+        patch = s.read_patch(centre, s.plan(1.0, 256))
+    x0, y0 = centre[0] - 256, centre[1] - 256
+    expected = area_downsample(textured_image[y0 : y0 + 512, x0 : x0 + 512], 2)
+    assert patch.shape == (256, 256, 3)
+    assert np.abs(patch.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_level_and_resampled_paths_agree(pyramid_1_4_16, pyramid_1_2_4):
+    """The same 10x patch read from a real 2x level and resampled from level 0 match."""
+    centre = (1000, 1200)
+    with SlideReader(pyramid_1_4_16) as a, SlideReader(pyramid_1_2_4) as b:
+        pa = a.read_patch(centre, a.plan(1.0, 256))
+        pb = b.read_patch(centre, b.plan(1.0, 256))
+    assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("fixture", ["pyramid_1_4_16", "pyramid_1_2_4"])
+def test_patch_centres_of_all_scales_agree(request, fixture):
+    """Co-centring: on grid centres every scale's region has the same level-0 centre (< 1 px)."""
+    path = request.getfixturevalue(fixture)
+    with SlideReader(path) as s:
+        plans = [s.plan(m, 256) for m in SCALES]
+        align = alignment(s, SCALES, 256)
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            c = tuple(int(v) for v in rng.integers(1, 2048 // align, size=2) * align)
+            centres = np.array([s.region_centre(c, p) for p in plans])
+            assert np.abs(centres - np.array(c)).max() < 1.0
+
+
+def test_real_svs_tiled_and_read_at_three_scales(cmu_svs, tmp_path):
+    params = TilingParams(scales_mpp=SCALES, patch_size=256)
+    entry = prepare_slide("cmu", cmu_svs, tmp_path, params)
+    coords = np.load(entry / "coords.npy")
+    assert len(coords) > 10
+    with SlideReader(cmu_svs) as s:
+        assert s.mpp == pytest.approx(0.499)
+        plans = [s.plan(m, 256) for m in SCALES]
+        # single-level slide: 20x snaps to level 0, 10x and 5x are resampled from it
+        assert [p.region for p in plans] == [256, 513, 1026]
+        for c in coords[:5]:
+            patches = [s.read_patch(tuple(c), p) for p in plans]
+            assert all(p.shape == (256, 256, 3) for p in patches)
+            centres = np.array([s.region_centre(tuple(c), p) for p in plans])
+            assert np.abs(centres - c).max() < 1.0
+        # patches are tissue, not background
+        assert patches[0].mean() < 230
+    assert (entry / "tissue.png").is_file()
+
+
+def test_slide_without_mpp_needs_override(tcga_svs):
+    with pytest.raises(BundleInputError, match="no microns-per-pixel") as err:
+        SlideReader(tcga_svs)
+    assert str(tcga_svs) in str(err.value) and "mpp" in err.value.fix
+    with SlideReader(tcga_svs, mpp=0.25) as s:
+        assert s.mpp_source == "override"
+        p5 = s.plan(2.0, 256)  # 2x level has 0.5 µm/px: read 1024 px there
+        assert (p5.level, p5.region) == (1, 1024)
+
+
+def test_scale_finer_than_native_is_refused(cmu_svs):
+    with SlideReader(cmu_svs) as s, pytest.raises(BundleInputError, match="finer than the slide's native"):
+        s.plan(0.25, 256)
+
+
+def test_non_slide_file_is_refused(tmp_path):
+    bad = tmp_path / "notes.svs"
+    bad.write_text("not a slide")
+    with pytest.raises(BundleInputError, match="cannot be opened"):
+        SlideReader(bad)
