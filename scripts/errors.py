@@ -23,12 +23,24 @@ class BundleInputError(ValueError):
         super().__init__(f"{self.path}: {reason}. Fix: {fix}")
 
 
+def find_input_error(exc: BaseException | None) -> BundleInputError | None:
+    """The :class:`BundleInputError` in an exception's cause/context chain (MONAI wraps config errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, BundleInputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _excepthook(
     exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None, _default=sys.excepthook
 ) -> None:
-    if isinstance(exc, BundleInputError) and "--debug" not in sys.argv:
+    found = find_input_error(exc)
+    if found is not None and "--debug" not in sys.argv:
         logger.debug("input error", exc_info=(exc_type, exc, tb))
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {found}", file=sys.stderr)
         return
     _default(exc_type, exc, tb)
 

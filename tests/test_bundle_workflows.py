@@ -25,7 +25,7 @@ def tiny_overrides(dataset: Path, out: Path) -> list[str]:
     return [
         "--dataset_dir", str(dataset), "--output_dir", str(out), "--ckpt_dir", str(out / "models"),
         "--demo_num_patients", str(TINY_DEMO.num_patients), "--demo_slide_size", str(TINY_DEMO.size),
-        "--progress", "false",
+        "--progress", "False",
     ]
 
 
@@ -56,7 +56,7 @@ def test_training_chain_from_scratch(tmp_path):
 
 def test_missing_manifest_is_one_clear_line(tmp_path):
     r = bundle("run", "prepare", "--config_file", "configs/prepare.yaml", "--dataset_dir", str(tmp_path / "nowhere"),
-               "--output_dir", str(tmp_path / "out"), "--demo", "None")
+               "--output_dir", str(tmp_path / "out"), "--demo_if_missing", "False")
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "manifest.csv" in last and "Fix:" in last
