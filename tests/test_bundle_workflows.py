@@ -61,3 +61,21 @@ def test_missing_manifest_is_one_clear_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "manifest.csv" in last and "Fix:" in last
     assert "Traceback" not in r.stderr
+
+
+def test_extract_with_pretrained_encoders(tmp_path):
+    """`--encoder_weights pretrain` runs SimSiam per scale first and extracts with those weights."""
+    data, out = tmp_path / "demo", tmp_path / "out"
+    r = bundle("run", "extract", "--config_file", "configs/extract.yaml", *tiny_overrides(data, out),
+               "--encoder_weights", "pretrain", "--pretrain_epochs", "1", "--pretrain_batch_size", "8",
+               "--pretrain_max_patches_per_slide", "4", "--pretrain_scales_mpp", "[1.0,2.0]", "--max_patches", "16")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    weights = sorted((out / "pretrain").glob("*/encoder.pt"))
+    assert len(weights) == 2
+    from scripts.cache import tensor_dict_hash
+
+    pretrained = {tensor_dict_hash(torch.load(w, weights_only=True)) for w in weights}
+    metas = [json.loads(p.read_text()) for p in (out / "cache" / "features").glob("*/meta.json")]
+    assert len(metas) == 4
+    shas = [e["weights_sha"] for e in metas[0]["encoders"]]
+    assert shas[0] not in pretrained and set(shas[1:]) == pretrained  # 20x random, 10x/5x pretrained

@@ -60,15 +60,27 @@ def build_encoder(arch: str = "resnet50", weights: str | Path | None = None, see
         net = build_backbone(arch)
     if weights:
         state = load_state(weights, prefix)
-        result = net.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            raise BundleInputError(
-                weights,
-                f"weights do not match the {arch} encoder: missing {result.missing_keys[:5]}"
-                f"{' ...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}",
-                "check 'encoder_arch' and 'encoder_weights_prefix' (e.g. 'backbone.' or 'encoder.')",
-            )
+        check_state_matches(net, state, weights, hint="check 'encoder_arch' and 'encoder_weights_prefix' (e.g. 'backbone.' or 'encoder.')")
+        net.load_state_dict(state, strict=False)
     return net.eval()
+
+
+def check_state_matches(net: torch.nn.Module, state: dict, path: str | Path, hint: str) -> None:
+    """Raise a :class:`BundleInputError` that lists missing, unexpected and mis-shaped keys."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or shapes:
+        def head(xs):
+            return f"{xs[:4]}{' ...' if len(xs) > 4 else ''} ({len(xs)})"
+
+        raise BundleInputError(
+            path,
+            f"weights do not match the {type(net).__name__} network: missing {head(missing)}, "
+            f"unexpected {head(unexpected)}, shape mismatches {head(shapes)}",
+            hint,
+        )
 
 
 def encoder_signature(net: torch.nn.Module, arch: str) -> dict:

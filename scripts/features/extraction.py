@@ -60,8 +60,12 @@ def extract_cohort(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    stats: dict | None = None,
 ) -> list[FeatureEntry]:
-    """Encode every slide that has no store entry yet; return the entries of all slides, in order."""
+    """Encode every slide that has no store entry yet; return the entries of all slides, in order.
+
+    ``stats`` (optional dict) receives ``computed``: the slide ids encoded by this call.
+    """
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(store_dir)
@@ -74,13 +78,17 @@ def extract_cohort(
         targets.append(store_dir / name)
         if not is_complete(store_dir / name):
             pending.append((rec, Path(tdir), store_dir / name, prov))
+    if stats is not None:
+        stats["computed"] = []
     if pending:
         logger.info("extracting features of %d / %d slides", len(pending), len(records))
-        _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress)
+        done = _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress)
+        if stats is not None:
+            stats["computed"] = done
     return [FeatureEntry(t) for t in targets]
 
 
-def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> None:
+def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> list[str]:
     items, counts = [], []
     for si, (rec, tdir, _, _) in enumerate(pending):
         coords = np.load(tdir / "coords.npy")
@@ -95,6 +103,7 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     dim = None
     buffers: dict[int, np.ndarray] = {}
     filled = [0] * len(pending)
+    done: list[str] = []
     bar = tqdm(total=len(items), desc="extract patches", unit="patch", disable=not progress)
     with torch.inference_mode(), autocast:
         for batch in loader:
@@ -113,8 +122,10 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
                 filled[si] += len(rows)
                 if filled[si] == counts[si]:
                     _write_entry(pending[si], buffers.pop(int(si)))
+                    done.append(pending[si][0].slide_id)
             bar.update(len(slide_idx))
     bar.close()
+    return done
 
 
 def _write_entry(job, features: np.ndarray) -> None:

@@ -1,0 +1,20 @@
+"""``python -m scripts.benchmarks <name> [options]``: run one benchmark (``--help`` per benchmark)."""
+
+from __future__ import annotations
+
+import sys
+
+from scripts.benchmarks import extract
+
+BENCHMARKS = {"extract": extract.main}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        sys.stderr.write(f"usage: python -m scripts.benchmarks <{'|'.join(BENCHMARKS)}> [options]\n")
+        raise SystemExit(2)
+    BENCHMARKS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared helpers of the benchmarks: a generated cohort, a result table, the ratios line, JSON output."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from scripts.data.demo import DemoParams, generate_demo
+
+
+def demo_cohort(root: Path, num_slides: int = 2, size: int = 2560) -> Path:
+    """Manifest of a small generated cohort (cached in ``root``)."""
+    return generate_demo(root, DemoParams(num_patients=num_slides, size=size, seed=123), progress=False)
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """Best wall time of ``repeat`` calls (seconds)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def report(name: str, rows: list[dict], ratios: dict[str, float], json_path: str | None = None) -> None:
+    """Print a table of ``rows`` and the ratios line; optionally write everything as JSON."""
+    cols = list(rows[0]) if rows else []
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    print(f"# benchmark: {name}")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"benchmark": name, "rows": rows, "ratios": ratios}, indent=2))
+    print("ratios: " + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
+
+
+def _fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
