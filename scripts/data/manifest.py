@@ -32,9 +32,13 @@ class SlideRecord:
 
 
 def read_manifest(
-    manifest: str | Path, label_map: Mapping[str, int] | None = None, check_paths: bool = True
+    manifest: str | Path, label_map: Mapping[str, int] | None = None, check_paths: bool = True,
+    require_labels: bool = True,
 ) -> list[SlideRecord]:
-    """Parse and validate a manifest; every problem names its row and the fix."""
+    """Parse and validate a manifest; every problem names its row and the fix.
+
+    With ``require_labels=False`` (inference) the ``label`` column may be absent or empty (label -1).
+    """
     manifest = Path(manifest)
     if not manifest.is_file():
         raise BundleInputError(manifest, "manifest not found", "pass --dataset_dir pointing at a folder with manifest.csv, or --manifest")
@@ -42,7 +46,7 @@ def read_manifest(
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED if c not in header]
+        missing = [c for c in REQUIRED if c not in header and (require_labels or c != "label")]
         if missing:
             raise BundleInputError(manifest, f"missing column(s) {missing} (found {header})", f"the header must contain {list(REQUIRED)}")
         rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
@@ -59,8 +63,12 @@ def read_manifest(
         if sid in seen:
             raise BundleInputError(where, f"duplicate slide_id '{sid}' (first at row {seen[sid]})", "make slide ids unique")
         seen[sid] = i
-        if row["label"] not in label_map:
+        if not require_labels and not row.get("label"):
+            label = -1
+        elif row["label"] not in label_map:
             raise BundleInputError(where, f"unknown label '{row['label']}' for slide '{sid}'", f"use one of {sorted(label_map)} or extend 'label_map' in the config")
+        else:
+            label = label_map[row["label"]]
         path = Path(row["path"])
         if not path.is_absolute():
             path = manifest.parent / path
@@ -72,7 +80,7 @@ def read_manifest(
                 mpp = float(row["mpp"])
             except ValueError:
                 raise BundleInputError(where, f"mpp '{row['mpp']}' is not a number", "write microns per pixel as a number, e.g. 0.25") from None
-        records.append(SlideRecord(sid, pid, str(path), label_map[row["label"]], mpp, row.get("split") or None))
+        records.append(SlideRecord(sid, pid, str(path), label, mpp, row.get("split") or None))
     labels_by_patient: dict[str, set[int]] = {}
     for r in records:
         labels_by_patient.setdefault(r.patient_id, set()).add(r.label)

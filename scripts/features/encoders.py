@@ -93,6 +93,9 @@ def build_scale_encoders(
 ) -> list[torch.nn.Module]:
     """One encoder per scale (the paper trains one SimSiam model per magnification)."""
     weights = list(weights) if weights else [None] * num_scales
+    if not any(weights):
+        logger.warning("encoders are randomly initialised (seed %d): fine for tests and the demo, not for real "
+                       "data; use --encoder_weights pretrain or state-dict files", seed)
     if len(weights) != num_scales:
         raise BundleInputError(None, f"{len(weights)} encoder weight files for {num_scales} scales", "give one weights file per scale (or null)")
     return [build_encoder(arch, w, seed=seed + 1000 * s, prefix=prefix) for s, w in enumerate(weights)]

@@ -38,14 +38,27 @@ def run_stage(bundle_root: str | Path, stage: str, overrides: Mapping[str, Any])
 
 
 def cohort_records(
-    manifest: str | Path, label_map: Mapping[str, int] | None = None, demo: DemoParams | None = None, progress: bool = True
+    manifest: str | Path, label_map: Mapping[str, int] | None = None, demo: DemoParams | None = None, progress: bool = True,
+    input: str | Path | None = None, mpp: float | None = None,
 ) -> list[SlideRecord]:
-    """Validated manifest records; builds the demo cohort first when ``demo`` is given and the manifest is missing."""
+    """The slides a stage works on.
+
+    ``input`` (a slide, a folder of slides or a manifest; labels optional) replaces the cohort manifest when
+    given. Otherwise the manifest is read, after building the demo cohort there when ``demo`` is given and the
+    manifest is missing. ``mpp`` fills in the level-0 resolution of slides that have none.
+    """
+    from scripts.inference.inputs import input_records
+
+    if input is not None:
+        return input_records(input, mpp, label_map)
     manifest = Path(manifest)
     if demo is not None and not manifest.is_file():
         logger.info("no manifest at %s: generating the demo cohort there", manifest)
         generate_demo(manifest.parent, demo, progress=progress)
-    return read_manifest(manifest, label_map)
+    records = read_manifest(manifest, label_map)
+    if mpp is not None:
+        records = [r if r.mpp is not None else SlideRecord(r.slide_id, r.patient_id, r.path, r.label, float(mpp), r.split) for r in records]
+    return records
 
 
 def prepare_cohort(

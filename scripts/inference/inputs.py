@@ -1,0 +1,35 @@
+"""Inference inputs: one slide file, a folder of slides, a folder with ``manifest.csv``, or a manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scripts.data.manifest import SlideRecord, read_manifest
+from scripts.errors import BundleInputError
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+def input_records(source: str | Path, mpp: float | None = None, label_map: dict | None = None) -> list[SlideRecord]:
+    """Records for ``source``; slides without a label get label -1. ``mpp`` fills in slides lacking it."""
+    src = Path(source)
+    if src.is_file() and src.suffix.lower() == ".csv":
+        records = read_manifest(src, label_map, require_labels=False)
+    elif src.is_dir() and (src / "manifest.csv").is_file():
+        records = read_manifest(src / "manifest.csv", label_map, require_labels=False)
+    elif src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        if not files:
+            raise BundleInputError(src, "folder holds no slide files", f"put slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...) or a manifest.csv in it")
+        stems = [p.stem for p in files]
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        if dupes:
+            raise BundleInputError(src, f"several slides share the name(s) {dupes[:3]}", "rename them or pass a manifest with unique slide ids")
+        records = [SlideRecord(p.stem, p.stem, str(p), -1) for p in files]
+    elif src.is_file():
+        records = [SlideRecord(src.stem, src.stem, str(src), -1)]
+    else:
+        raise BundleInputError(src, "input not found", "pass --input with a slide file, a folder of slides or a manifest CSV")
+    if mpp is not None:
+        records = [r if r.mpp is not None else SlideRecord(r.slide_id, r.patient_id, r.path, r.label, float(mpp), r.split) for r in records]
+    return records

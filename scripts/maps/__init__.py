@@ -1,0 +1,1 @@
+"""Attention maps: rasterising per-patch values, PNG overlays, QuPath GeoJSON, pyramidal TIFF heatmaps."""
