@@ -69,8 +69,9 @@ def test_real_svs_tiled_and_read_at_three_scales(cmu_svs, tmp_path):
     with SlideReader(cmu_svs) as s:
         assert s.mpp == pytest.approx(0.499)
         plans = [s.plan(m, 256) for m in SCALES]
-        # single-level slide: 20x snaps to level 0, 10x and 5x are resampled from it
-        assert [p.region for p in plans] == [256, 513, 1026]
+        # single-level slide: 20x snaps to level 0, 10x and 5x are exact 2x / 4x block averages of it
+        # (0.499 µm/px: factors 2.004 / 4.008 snap to integers within the 5% tolerance)
+        assert [p.region for p in plans] == [256, 512, 1024]
         for c in coords[:5]:
             patches = [s.read_patch(tuple(c), p) for p in plans]
             assert all(p.shape == (256, 256, 3) for p in patches)
@@ -101,3 +102,24 @@ def test_non_slide_file_is_refused(tmp_path):
     bad.write_text("not a slide")
     with pytest.raises(BundleInputError, match="cannot be opened"):
         SlideReader(bad)
+
+
+@pytest.mark.parametrize("fixture", ["pyramid_1_4_16", "cmu_svs"])
+def test_grouped_reader_returns_the_same_pixels(request, fixture, tmp_path):
+    """Cell-grouped reads give exactly the pixels of one read per patch, at every scale, edges included."""
+    path = request.getfixturevalue(fixture)
+    params = TilingParams(scales_mpp=SCALES, patch_size=256, min_tissue=0.0, read_cell_um=300.0)
+    coords = np.load(prepare_slide("s", path, tmp_path, params) / "coords.npy")
+    with SlideReader(path) as direct, SlideReader(path, read_cell_um=300.0) as grouped:
+        plans = [direct.plan(m, 256) for m in SCALES]
+        for c in coords:
+            for p in plans:
+                assert np.array_equal(grouped.read_region(tuple(c), p), direct.read_region(tuple(c), p))
+        assert len(grouped._cells) == len({(p.level, p.region) for p in plans})
+
+
+def test_centres_are_ordered_cell_by_cell(pyramid_1_2_4, tmp_path):
+    params = TilingParams(scales_mpp=SCALES, min_tissue=0.0, read_cell_um=256.0)
+    coords = np.load(prepare_slide("s", pyramid_1_2_4, tmp_path, params) / "coords.npy")
+    cells = [(int(y // 512), int(x // 512)) for x, y in coords]
+    assert cells == sorted(cells)  # each cell's centres are consecutive, cells row-major

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from scripts.benchmarks import extract
+from scripts.benchmarks import extract, read
 
-BENCHMARKS = {"extract": extract.main}
+BENCHMARKS = {"read": read.main, "extract": extract.main}
 
 
 def main() -> None:

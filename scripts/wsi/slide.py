@@ -58,6 +58,10 @@ class SlideReader:
         backend: MONAI WSIReader backend: ``openslide`` (default, CPU), ``cucim`` (GPU installs) or ``tifffile``.
         mpp: level-0 microns per pixel overriding the file's metadata (required when the file has none).
         snap_rtol: relative tolerance within which a level counts as having the target mpp (no resize).
+        read_cell_um: group reads: the slide is cut into square cells of this size (µm); the first patch of a
+            cell reads, per scale, one region covering every patch centred in the cell, and the cell's other
+            patches are cut from it (tiles are decoded once, not once per overlapping patch). Patches must
+            arrive cell by cell (the tiling orders them so). 0 reads every patch region on its own.
     """
 
     def __init__(
@@ -66,8 +70,11 @@ class SlideReader:
         backend: str = "openslide",
         mpp: float | None = None,
         snap_rtol: float = 0.05,
+        read_cell_um: float = 0.0,
     ) -> None:
         self.path = Path(path)
+        self.read_cell_um = float(read_cell_um or 0.0)
+        self._cells: dict[tuple[int, int], tuple[tuple[int, int], int, int, np.ndarray]] = {}
         if backend not in BACKENDS:
             raise BundleInputError(self.path, f"unknown WSI backend '{backend}'", f"use one of {BACKENDS}")
         if not self.path.is_file():
@@ -146,7 +153,9 @@ class SlideReader:
             )
         level = max(candidates, key=self.level_mpp)
         factor = target_mpp / self.level_mpp(level)
-        region = out_size if abs(factor - 1) <= self.snap_rtol else int(round(out_size * factor))
+        if abs(factor / max(round(factor), 1) - 1) <= self.snap_rtol:
+            factor = max(round(factor), 1)  # e.g. 0.499 µm/px slides: exact 2x / 4x block averages, not 2.004x
+        region = int(round(out_size * factor))
         return ScalePlan(
             target_mpp=float(target_mpp),
             level=level,
@@ -194,7 +203,25 @@ class SlideReader:
     def read_region(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
         """Read the (unresized) ``plan.region`` square around a level-0 centre: HxWx3 uint8."""
         x0, y0 = self.region_origin(centre_xy, plan)
-        return self.read_level_box(plan.level, x0, y0, plan.region, plan.region)
+        r = plan.region
+        if self.read_cell_um <= 0:
+            return self.read_level_box(plan.level, x0, y0, r, r)
+        cell_px = self.read_cell_um / self.mpp  # level-0 px
+        cell = (int(centre_xy[0] // cell_px), int(centre_xy[1] // cell_px))
+        key = (plan.level, r)
+        cached = self._cells.get(key)
+        if cached is None or cached[0] != cell:
+            ds = plan.level_downsample
+            bx0 = int(math.floor(cell[0] * cell_px / ds - r / 2)) - 1
+            by0 = int(math.floor(cell[1] * cell_px / ds - r / 2)) - 1
+            bx1 = int(math.ceil((cell[0] + 1) * cell_px / ds + r / 2)) + 1
+            by1 = int(math.ceil((cell[1] + 1) * cell_px / ds + r / 2)) + 1
+            cached = (cell, bx0, by0, self.read_level_box(plan.level, bx0, by0, bx1 - bx0, by1 - by0))
+            self._cells[key] = cached
+        _, bx0, by0, block = cached
+        if x0 >= bx0 and y0 >= by0 and x0 + r <= bx0 + block.shape[1] and y0 + r <= by0 + block.shape[0]:
+            return block[y0 - by0 : y0 - by0 + r, x0 - bx0 : x0 - bx0 + r].copy()
+        return self.read_level_box(plan.level, x0, y0, r, r)  # cannot happen for centres inside the cell
 
     def read_patch(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
         """Read and area-resize to the exact target scale: ``out_size`` x ``out_size`` x 3 uint8."""
@@ -244,8 +271,16 @@ def _block_reduce(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def resize_area(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Area (box-average) resize of HxWx3 uint8 with torch, exact for integer factors."""
+    """Area (box-average) resize of HxWx3 uint8: a block mean for integer factors, torch otherwise."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
+    fy, fx = image.shape[0] / hw[0], image.shape[1] / hw[1]
+    if fy == fx and fy == int(fy) and image.shape[0] % hw[0] == 0 and image.shape[1] % hw[1] == 0:
+        f = int(fy)
+        acc = np.uint16 if f <= 16 else np.uint32  # 255 * f * f must fit
+        rows = image.reshape(hw[0], f, image.shape[1], -1).sum(axis=1, dtype=acc)
+        summed = rows.reshape(hw[0], hw[1], f, -1).sum(axis=2, dtype=acc)
+        return ((summed + f * f // 2) // (f * f)).astype(np.uint8)
+
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, size=hw, mode="area")[0].permute(1, 2, 0)
     return out.round().clamp(0, 255).to(torch.uint8).numpy()

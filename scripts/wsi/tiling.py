@@ -20,7 +20,7 @@ from scripts.wsi.tissue import TissueParams, tissue_mask
 
 logger = logging.getLogger(__name__)
 
-TILING_VERSION = 1
+TILING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class TilingParams:
         max_patches: keep at most this many centres per slide (seeded random subset; 0 = all).
         seed: seed of that subset.
         backend: WSI reader backend.
+        read_cell_um: centres are ordered cell by cell on a grid of this size (µm) so that the grouped
+            reader (:class:`scripts.wsi.slide.SlideReader`) decodes each cell's regions once.
         tissue: tissue-detection parameters.
     """
 
@@ -45,6 +47,7 @@ class TilingParams:
     max_patches: int = 0
     seed: int = 0
     backend: str = "openslide"
+    read_cell_um: float = 1024.0
     tissue: TissueParams = field(default_factory=TissueParams)
 
     def to_dict(self) -> dict:
@@ -84,7 +87,15 @@ def grid_centres(
         rng = np.random.default_rng(params.seed)
         idx = np.sort(rng.choice(len(centres), size=params.max_patches, replace=False))
         centres = centres[idx]
-    return centres
+    return order_by_cell(centres, params.read_cell_um / slide_mpp if params.read_cell_um else 0.0)
+
+
+def order_by_cell(centres: np.ndarray, cell_px: float) -> np.ndarray:
+    """Sort centres cell by cell (cells row-major, centres row-major inside a cell)."""
+    if cell_px <= 0 or len(centres) == 0:
+        return centres
+    cx, cy = centres[:, 0] // cell_px, centres[:, 1] // cell_px
+    return centres[np.lexsort((centres[:, 0], centres[:, 1], cx, cy))]
 
 
 def alignment(slide: SlideReader, scales_mpp: Sequence[float], patch_size: int) -> int:

@@ -24,6 +24,7 @@ class LoadMultiScaleRegiond(MapTransform):
         patch_size: output patch edge after resizing.
         backend: WSI backend.
         max_open: slide handles kept open per worker.
+        read_cell_um: grouped reading cell size (µm), see :class:`SlideReader`; 0 reads patch by patch.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class LoadMultiScaleRegiond(MapTransform):
         centre_key: str = "centre",
         mpp_key: str = "mpp",
         max_open: int = 4,
+        read_cell_um: float = 0.0,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != len(scales_mpp):
@@ -45,6 +47,7 @@ class LoadMultiScaleRegiond(MapTransform):
         self.backend = backend
         self.path_key, self.centre_key, self.mpp_key = path_key, centre_key, mpp_key
         self.max_open = max_open
+        self.read_cell_um = read_cell_um
         self._open: dict[tuple, tuple[SlideReader, list]] = {}
 
     def _slide(self, path: str, mpp: float | None) -> tuple[SlideReader, list]:
@@ -53,7 +56,7 @@ class LoadMultiScaleRegiond(MapTransform):
             if len(self._open) >= self.max_open:
                 old = next(iter(self._open))
                 self._open.pop(old)[0].close()
-            slide = SlideReader(path, backend=self.backend, mpp=mpp)
+            slide = SlideReader(path, backend=self.backend, mpp=mpp, read_cell_um=self.read_cell_um)
             self._open[key] = (slide, [slide.plan(s, self.patch_size) for s in self.scales_mpp])
         return self._open[key]
 
