@@ -111,11 +111,16 @@ def test_grouped_reader_returns_the_same_pixels(request, fixture, tmp_path):
     params = TilingParams(scales_mpp=SCALES, patch_size=256, min_tissue=0.0, read_cell_um=300.0)
     coords = np.load(prepare_slide("s", path, tmp_path, params) / "coords.npy")
     with SlideReader(path) as direct, SlideReader(path, read_cell_um=300.0) as grouped:
-        plans = [direct.plan(m, 256) for m in SCALES]
+        plans = [grouped.plan(m, 256) for m in SCALES]
+        assert [direct.plan(m, 256) for m in SCALES] == plans
         for c in coords:
             for p in plans:
                 assert np.array_equal(grouped.read_region(tuple(c), p), direct.read_region(tuple(c), p))
-        assert len(grouped._cells) == len({(p.level, p.region) for p in plans})
+                assert np.array_equal(grouped.read_patch(tuple(c), p), direct.read_patch(tuple(c), p))
+        # one decoded block per level, plus one reduced block per resampled scale
+        levels = {p.level for p in plans}
+        reduced = {(p.level, p.region // p.out_size) for p in plans if p.resample}
+        assert set(grouped._cells) == {(lv, 1) for lv in levels} | reduced
 
 
 def test_centres_are_ordered_cell_by_cell(pyramid_1_2_4, tmp_path):

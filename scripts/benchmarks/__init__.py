@@ -1,4 +1,4 @@
 """Benchmarks: each measures us and a baseline in the same run and prints a last line ``ratios: ...``.
 
-Run ``python -m scripts.benchmarks <name> [--json F]``; names: ``extract``.
+Run ``python -m scripts.benchmarks <name> [--json F]``; names: ``read``, ``extract``, ``infer``, ``train``.
 """

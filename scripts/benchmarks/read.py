@@ -86,8 +86,9 @@ def decode_tiles(path: Path, tiles, downsamples) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks read", description=__doc__)
     ap.add_argument("--size", type=int, default=8192, help="edge of the generated slides (level-0 px)")
-    ap.add_argument("--positions", type=int, default=300, help="patch positions timed per slide")
+    ap.add_argument("--positions", type=int, default=0, help="patch positions timed per slide (0 = the whole slide's grid)")
     ap.add_argument("--real", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "CMU-1-Small-Region.svs"))
+    ap.add_argument("--cell-um", type=float, default=TilingParams.read_cell_um, help="grouped-reading cell size (µm)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, ratios = [], {}
     for name, path in slides.items():
         # a contiguous run of grid positions (cell order), as a dense tissue area gives
-        params = TilingParams(scales_mpp=SCALES, min_tissue=0.0)
-        coords = np.load(prepare_slide(name.split()[0], path, work / "cache", params) / "coords.npy")[: args.positions]
+        params = TilingParams(scales_mpp=SCALES, min_tissue=0.0, read_cell_um=args.cell_um)
+        coords = np.load(prepare_slide(name.split()[0], path, work / "cache", params) / "coords.npy")[: args.positions or None]
         with SlideReader(path) as s:
             mpp, downsamples = s.mpp, s.downsamples
         n = len(coords)

@@ -75,6 +75,7 @@ class SlideReader:
         self.path = Path(path)
         self.read_cell_um = float(read_cell_um or 0.0)
         self._cells: dict[tuple[int, int], tuple[tuple[int, int], int, int, np.ndarray]] = {}
+        self._level_margin: dict[int, int] = {}  # largest region planned per level (grouped reads cover it)
         if backend not in BACKENDS:
             raise BundleInputError(self.path, f"unknown WSI backend '{backend}'", f"use one of {BACKENDS}")
         if not self.path.is_file():
@@ -156,6 +157,7 @@ class SlideReader:
         if abs(factor / max(round(factor), 1) - 1) <= self.snap_rtol:
             factor = max(round(factor), 1)  # e.g. 0.499 µm/px slides: exact 2x / 4x block averages, not 2.004x
         region = int(round(out_size * factor))
+        self._level_margin[level] = max(self._level_margin.get(level, 0), region)
         return ScalePlan(
             target_mpp=float(target_mpp),
             level=level,
@@ -183,8 +185,9 @@ class SlideReader:
     def read_level_box(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """Read a box in level coordinates as HxWx3 uint8; parts outside the slide are white."""
         lh, lw = self.level_dims[level]
-        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
         ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + w, lw), min(y0 + h, lh)
+        inside = (ix0, iy0, ix1, iy1) == (x0, y0, x0 + w, y0 + h)
+        out = None if inside else np.full((h, w, 3), WHITE, dtype=np.uint8)
         if ix1 <= ix0 or iy1 <= iy0:
             return out
         ds = self.downsamples[level]
@@ -197,7 +200,10 @@ class SlideReader:
                 f"reading level {level} at ({ix0}, {iy0}) failed ({type(err).__name__}: {err})",
                 "the file is probably truncated or corrupt: re-copy or re-scan it",
             ) from err
-        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = np.moveaxis(np.asarray(data), 0, -1)[..., :3]
+        pixels = np.moveaxis(np.asarray(data), 0, -1)[..., :3]
+        if inside:
+            return np.ascontiguousarray(pixels)
+        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = pixels
         return out
 
     def read_region(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
@@ -206,27 +212,59 @@ class SlideReader:
         r = plan.region
         if self.read_cell_um <= 0:
             return self.read_level_box(plan.level, x0, y0, r, r)
-        cell_px = self.read_cell_um / self.mpp  # level-0 px
-        cell = (int(centre_xy[0] // cell_px), int(centre_xy[1] // cell_px))
-        key = (plan.level, r)
-        cached = self._cells.get(key)
-        if cached is None or cached[0] != cell:
-            ds = plan.level_downsample
-            bx0 = int(math.floor(cell[0] * cell_px / ds - r / 2)) - 1
-            by0 = int(math.floor(cell[1] * cell_px / ds - r / 2)) - 1
-            bx1 = int(math.ceil((cell[0] + 1) * cell_px / ds + r / 2)) + 1
-            by1 = int(math.ceil((cell[1] + 1) * cell_px / ds + r / 2)) + 1
-            cached = (cell, bx0, by0, self.read_level_box(plan.level, bx0, by0, bx1 - bx0, by1 - by0))
-            self._cells[key] = cached
-        _, bx0, by0, block = cached
+        bx0, by0, block = self._cell_block(centre_xy, plan.level, 1)
         if x0 >= bx0 and y0 >= by0 and x0 + r <= bx0 + block.shape[1] and y0 + r <= by0 + block.shape[0]:
             return block[y0 - by0 : y0 - by0 + r, x0 - bx0 : x0 - bx0 + r].copy()
-        return self.read_level_box(plan.level, x0, y0, r, r)  # cannot happen for centres inside the cell
+        return self.read_level_box(plan.level, x0, y0, r, r)
 
     def read_patch(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
-        """Read and area-resize to the exact target scale: ``out_size`` x ``out_size`` x 3 uint8."""
-        region = self.read_region(centre_xy, plan)
-        return resize_area(region, plan.out_size) if plan.resample else region
+        """Read and area-resize to the exact target scale: ``out_size`` x ``out_size`` x 3 uint8.
+
+        With grouped reading and an integer resampling factor ``f``, the cell's block is averaged by ``f``
+        once and every patch of the cell is cut from the reduced block (same pixels as reducing each patch
+        when the patch origin is a multiple of ``f``, which the tiling's alignment guarantees).
+        """
+        if not plan.resample:
+            return self.read_region(centre_xy, plan)
+        f = plan.region // plan.out_size
+        if self.read_cell_um > 0 and f * plan.out_size == plan.region:
+            x0, y0 = self.region_origin(centre_xy, plan)
+            if x0 % f == 0 and y0 % f == 0:
+                bx0, by0, small = self._cell_block(centre_xy, plan.level, f)
+                sx, sy, n = (x0 - bx0) // f, (y0 - by0) // f, plan.out_size
+                if sx >= 0 and sy >= 0 and sx + n <= small.shape[1] and sy + n <= small.shape[0]:
+                    return small[sy : sy + n, sx : sx + n].copy()
+        return resize_area(self.read_region(centre_xy, plan), plan.out_size)
+
+    def _cell_block(self, centre_xy: tuple[float, float], level: int, factor: int) -> tuple[int, int, np.ndarray]:
+        """(x0, y0 in level px, pixels) of the cell around ``centre_xy`` at ``level``, averaged by ``factor``.
+
+        One block per (level, factor) is kept; the level block covers the largest region planned at that
+        level, so all scales reading one level share one decode per cell.
+        """
+        cell_px = self.read_cell_um / self.mpp  # level-0 px
+        cell = (int(centre_xy[0] // cell_px), int(centre_xy[1] // cell_px))
+        key = (level, factor)
+        cached = self._cells.get(key)
+        if cached is not None and cached[0] == cell:
+            return cached[1], cached[2], cached[3]
+        if factor == 1:
+            ds = self.downsamples[level]
+            half = self._level_margin.get(level, 0) / 2
+            bx0 = int(math.floor(cell[0] * cell_px / ds - half)) - 1
+            by0 = int(math.floor(cell[1] * cell_px / ds - half)) - 1
+            bx1 = int(math.ceil((cell[0] + 1) * cell_px / ds + half)) + 1
+            by1 = int(math.ceil((cell[1] + 1) * cell_px / ds + half)) + 1
+            block = self.read_level_box(level, bx0, by0, bx1 - bx0, by1 - by0)
+        else:
+            lx0, ly0, full = self._cell_block(centre_xy, level, 1)
+            ox, oy = (-lx0) % factor, (-ly0) % factor  # start the reduction on a multiple of factor
+            h = (full.shape[0] - oy) // factor * factor
+            w = (full.shape[1] - ox) // factor * factor
+            block = resize_area(full[oy : oy + h, ox : ox + w], (h // factor, w // factor))
+            bx0, by0 = (lx0 + ox) // factor * factor, (ly0 + oy) // factor * factor
+        self._cells[key] = (cell, bx0, by0, block)
+        return bx0, by0, block
 
     def thumbnail(self, target_mpp: float) -> np.ndarray:
         """Whole slide at ``target_mpp`` (or the coarsest level if that is finer), HxWx3 uint8.

@@ -20,7 +20,7 @@ from scripts.wsi.tissue import TissueParams, tissue_mask
 
 logger = logging.getLogger(__name__)
 
-TILING_VERSION = 2
+TILING_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,15 @@ def order_by_cell(centres: np.ndarray, cell_px: float) -> np.ndarray:
 
 
 def alignment(slide: SlideReader, scales_mpp: Sequence[float], patch_size: int) -> int:
-    """Level-0 grid alignment: the largest integer downsample among the levels the scales read from."""
-    ds = [slide.plan(s, patch_size).level_downsample for s in scales_mpp]
-    return max(1, max(int(round(d)) for d in ds))
+    """Level-0 grid alignment: the largest (level downsample x integer resampling factor) of the scales,
+    so every scale's region starts on a whole pixel of its level and on a multiple of its resampling
+    factor (co-centred regions without sub-pixel shifts; block averages shareable across patches)."""
+    steps = []
+    for s in scales_mpp:
+        p = slide.plan(s, patch_size)
+        f = p.region // p.out_size if p.region % p.out_size == 0 else 1
+        steps.append(int(round(p.level_downsample)) * f)
+    return max(1, max(steps))
 
 
 def prepare_slide(

@@ -12,11 +12,13 @@ from scripts.wsi.slide import SlideReader
 
 
 class LoadMultiScaleRegiond(MapTransform):
-    """Read the co-centred regions of one patch centre, one output key per scale (CHW uint8, unresized).
+    """Read the co-centred patches of one patch centre, one output key per scale (CHW uint8).
 
     Input items carry ``path_key`` (slide file), ``centre_key`` (level-0 x, y) and optionally ``mpp_key``.
-    Resizing to the exact target scale is left to a following ``Resized(mode="area")`` so the whole chain
-    is visible in the config. One :class:`SlideReader` per slide is kept open per worker process.
+    With ``resize=True`` (default) regions read from a finer level are area-averaged to the exact target
+    scale here, where grouped reading shares one average per cell; with ``resize=False`` the raw regions
+    are returned for a following ``Resized(mode="area")``. One :class:`SlideReader` per slide is kept
+    open per worker process.
 
     Args:
         keys: output keys, one per entry of ``scales_mpp`` (finest first).
@@ -25,6 +27,7 @@ class LoadMultiScaleRegiond(MapTransform):
         backend: WSI backend.
         max_open: slide handles kept open per worker.
         read_cell_um: grouped reading cell size (µm), see :class:`SlideReader`; 0 reads patch by patch.
+        resize: area-resample to ``patch_size`` here (see above).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class LoadMultiScaleRegiond(MapTransform):
         mpp_key: str = "mpp",
         max_open: int = 4,
         read_cell_um: float = 0.0,
+        resize: bool = True,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != len(scales_mpp):
@@ -48,6 +52,7 @@ class LoadMultiScaleRegiond(MapTransform):
         self.path_key, self.centre_key, self.mpp_key = path_key, centre_key, mpp_key
         self.max_open = max_open
         self.read_cell_um = read_cell_um
+        self.resize = resize
         self._open: dict[tuple, tuple[SlideReader, list]] = {}
 
     def _slide(self, path: str, mpp: float | None) -> tuple[SlideReader, list]:
@@ -67,7 +72,8 @@ class LoadMultiScaleRegiond(MapTransform):
         slide, plans = self._slide(str(d[self.path_key]), mpp)
         centre = tuple(float(v) for v in np.asarray(d[self.centre_key]).ravel()[:2])
         for key, plan in zip(self.keys, plans):
-            d[key] = np.ascontiguousarray(np.moveaxis(slide.read_region(centre, plan), -1, 0))
+            patch = slide.read_patch(centre, plan) if self.resize else slide.read_region(centre, plan)
+            d[key] = np.ascontiguousarray(np.moveaxis(patch, -1, 0))
         return d
 
     def __getstate__(self) -> dict:  # open handles never cross process boundaries
