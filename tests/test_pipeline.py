@@ -77,6 +77,8 @@ def test_leakage_guard_and_patient_split():
     assert sorted(tr + va) == list(range(16))
     assert not {patients[i] for i in tr} & {patients[i] for i in va}
     assert {labels[i] for i in va} == {0, 1}
+    with pytest.raises(BundleInputError, match="too few for 4 stratified patient folds"):
+        train_val_split(ids[:8], patients[:8], labels[:8], val_fraction=0.25)
 
 
 def test_transform_chain_gives_normalised_patches(tiny_demo):

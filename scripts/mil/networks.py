@@ -101,6 +101,11 @@ class CSMIL(nn.Module):
     @torch.jit.ignore
     def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> "CSMIL":
         """Standardise inputs as ``(x - mean) / std`` per feature (fit on training data); returns self."""
+        if torch.as_tensor(mean).numel() != self.in_features:
+            raise ValueError(
+                f"features have {torch.as_tensor(mean).numel()} dimensions but the network expects in_features="
+                f"{self.in_features}: set encoder_arch to the encoder that produced the feature store"
+            )
         self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
         self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype).clamp_min(1e-6))
         return self
@@ -120,9 +125,13 @@ class CSMIL(nn.Module):
     def _scale_weights(self, h: torch.Tensor) -> torch.Tensor:
         """[B, S, N, H] -> weights [B, N, S]."""
         scores = []
-        for s in range(self.num_scales):
-            att = self.scale_attention[0] if len(self.scale_attention) == 1 else self.scale_attention[s]
-            scores.append(att(h[:, s]))
+        if len(self.scale_attention) == 1:
+            for att in self.scale_attention:  # TorchScript: iterate, no dynamic ModuleList indexing
+                for s in range(self.num_scales):
+                    scores.append(att(h[:, s]))
+        else:
+            for s, att in enumerate(self.scale_attention):
+                scores.append(att(h[:, s]))
         a = torch.stack(scores, dim=-1)
         return torch.softmax(a, dim=-1) if self.scale_softmax else a
 
@@ -138,7 +147,7 @@ class CSMIL(nn.Module):
         b, _, n, _ = x.shape
         if mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        mask = mask.bool()
+        mask = mask.to(torch.bool)
         h = self._encode(x)  # [B, S, N, H]
         a_scale = self._scale_weights(h)  # [B, N, S]
         f = (h * a_scale.permute(0, 2, 1).unsqueeze(-1)).sum(dim=1)  # [B, N, H]

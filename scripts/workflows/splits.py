@@ -42,6 +42,15 @@ def train_val_split(
         n_pat = len(set(patient_ids))
         if n_pat < n_splits:
             raise BundleInputError(None, f"{n_pat} patients cannot make {n_splits} patient-level folds", "add patients or raise 'val_fraction'")
+        per_class = {}
+        for pid, lab in zip(patient_ids, labels):
+            per_class.setdefault(lab, set()).add(pid)
+        smallest = min(len(v) for v in per_class.values())
+        if smallest < n_splits:
+            raise BundleInputError(
+                None, f"a class has only {smallest} patients: too few for {n_splits} stratified patient folds",
+                "raise 'val_fraction' (e.g. --val_fraction 0.5), add patients, or give a 'split' column in the manifest",
+            )
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         folds = list(sgkf.split(np.zeros(n), np.asarray(labels), groups=np.asarray(patient_ids)))
         tr, va = (list(map(int, f)) for f in folds[fold % n_splits])

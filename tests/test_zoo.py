@@ -1,0 +1,81 @@
+"""Offline equivalents of the MONAI Model Zoo checks: network in/out shapes, TorchScript export, bundle
+properties (metadata validation is in test_metadata.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import ROOT, TINY_DEMO
+from scripts.mil.networks import CSMIL
+
+
+def bundle(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_verify_net_in_out_passes_and_catches_a_wrong_shape(tmp_path):
+    r = bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml")
+    assert r.returncode == 0 and "verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = 2  # network has 3 scales
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    r = bundle("verify_net_in_out", "network_def", "--meta_file", str(bad), "--config_file", "configs/inference.yaml")
+    assert r.returncode != 0
+
+
+def test_ckpt_export_to_torchscript_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    net = CSMIL(in_features=128).eval()  # the demo encoder's feature size, as configs/common.yaml derives it
+    net.set_input_stats(torch.randn(128), torch.rand(128) + 0.5)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    r = bundle("ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(tmp_path / "model.pt"),
+               "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.randn(2, 3, 64, 128)
+    mask = torch.rand(2, 64) > 0.25
+    torch.testing.assert_close(ts(x, mask), net(x, mask))
+    torch.testing.assert_close(ts(x), net(x))
+
+
+@pytest.mark.parametrize("kw", [{}, {"pooling": "flat", "scale_softmax": False}, {"share_scale_kernel": False},
+                                {"share_instance_encoder": False}])
+def test_every_variant_is_scriptable(kw):
+    net = CSMIL(in_features=16, num_clusters=4, **kw).eval()
+    ts = torch.jit.script(net)
+    x, mask = torch.randn(1, 3, 8, 16), torch.ones(1, 8, dtype=torch.bool)
+    torch.testing.assert_close(ts(x, mask), net(x, mask))
+
+
+def _train_properties(config, tmp_path, monkeypatch, tiny_demo):
+    monkeypatch.chdir(ROOT)  # config macros resolve against the bundle root
+    w = ConfigWorkflow(config_file=str(config), workflow_type="train", meta_file=str(ROOT / "configs" / "metadata.json"),
+                       logging_file=str(ROOT / "configs" / "logging.conf"), dataset_dir=str(tiny_demo.parent),
+                       output_dir=str(tmp_path / "out"), demo_num_patients=TINY_DEMO.num_patients,
+                       demo_slide_size=TINY_DEMO.size, progress=False, val_fraction=0.5)
+    w.initialize()
+    return w.check_properties()
+
+
+def test_train_config_has_the_zoo_properties(tmp_path, monkeypatch, tiny_demo):
+    assert _train_properties(ROOT / "configs" / "train.yaml", tmp_path, monkeypatch, tiny_demo) == []
+
+
+def test_missing_train_property_is_reported(tmp_path, monkeypatch, tiny_demo):
+    text = (ROOT / "configs" / "train.yaml").read_text()
+    broken = text.replace('    inferer: "@train#inferer"\n', "").replace("  inferer:\n    _target_: SimpleInferer\n", "")
+    assert broken != text
+    cfg = tmp_path / "train_broken.yaml"
+    cfg.write_text(broken)
+    try:
+        missing = _train_properties(cfg, tmp_path, monkeypatch, tiny_demo)
+    except KeyError as err:  # MONAI raises for a missing required property
+        missing = [str(err)]
+    assert any("train_inferer" in m or "train#inferer" in m for m in missing), missing
