@@ -8,6 +8,7 @@ picks up at the first missing one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -94,8 +95,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Atomically write a ``.npy`` file."""
-    import io
-
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
@@ -112,11 +111,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
             pid = int(p.name.rsplit("-", 2)[-2])
         except (ValueError, IndexError):
             continue
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        if pid == os.getpid():
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if pid == os.getpid() or _pid_alive(pid):
+            continue  # still being written
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed += 1
     return removed
 

@@ -22,7 +22,8 @@ import openslide
 from scripts.benchmarks.common import report, timed
 from scripts.data.demo import DemoParams, render_slide
 from scripts.wsi.pyramid import write_pyramid
-from scripts.wsi.slide import SlideReader, resize_area
+from scripts.wsi.resample import resize_area
+from scripts.wsi.slide import SlideReader
 from scripts.wsi.tiling import TilingParams, prepare_slide
 
 SCALES = (0.5, 1.0, 2.0)

@@ -7,11 +7,16 @@ the manifest's folder; ``label`` is 0/1 or a class name mapped through ``label_m
 from __future__ import annotations
 
 import csv
+import io
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
+from scripts.cache import atomic_write_bytes
 from scripts.errors import BundleInputError
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = ("slide_id", "patient_id", "path", "label")
 
@@ -87,19 +92,13 @@ def read_manifest(
     mixed = [p for p, ls in labels_by_patient.items() if len(ls) > 1]
     if mixed:
         # allowed (a patient may have lesional and normal biopsies), but worth knowing
-        import logging
-
-        logging.getLogger(__name__).warning("%s: patients with slides of both labels: %s", manifest, mixed[:5])
+        logger.warning("%s: patients with slides of both labels: %s", manifest, mixed[:5])
     return records
 
 
 def write_manifest(path: str | Path, records: list[SlideRecord]) -> None:
     """Write records as a manifest CSV (atomically), paths relative to the manifest's folder when possible."""
-    from scripts.cache import atomic_write_bytes
-
     path = Path(path)
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["slide_id", "patient_id", "path", "label", "mpp"])

@@ -14,18 +14,12 @@ import numpy as np
 import tifffile
 
 from scripts.cache import _TMP_PREFIX
+from scripts.wsi.resample import block_mean
 
 
 def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
-    """Box-filter (area) downsample of an HxWxC uint8 image by an integer factor (edges cropped)."""
-    if factor == 1:
-        return image
-    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-    c = image.shape[2] if image.ndim == 3 else 1
-    blocks = image[:h, :w].reshape(h // factor, factor, w // factor, factor, c).astype(np.float32)
-    out = blocks.mean(axis=(1, 3))
-    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return out if image.ndim == 3 else out[..., 0]
+    """Box-filter (area) downsample of an HxW(xC) uint8 image by an integer factor (edges cropped)."""
+    return block_mean(image, factor)
 
 
 def write_pyramid(

@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from monai.data import WSIReader
 
 from scripts.errors import BundleInputError
+from scripts.wsi.resample import block_mean, resize_area
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ class SlideReader:
             ox, oy = (-lx0) % factor, (-ly0) % factor  # start the reduction on a multiple of factor
             h = (full.shape[0] - oy) // factor * factor
             w = (full.shape[1] - ox) // factor * factor
-            block = resize_area(full[oy : oy + h, ox : ox + w], (h // factor, w // factor))
+            block = block_mean(full[oy : oy + h, ox : ox + w], factor)
             bx0, by0 = (lx0 + ox) // factor * factor, (ly0 + oy) // factor * factor
         self._cells[key] = (cell, bx0, by0, block)
         return bx0, by0, block
@@ -281,7 +280,7 @@ class SlideReader:
         rows = []
         for y in range(0, lh, strip):
             h = min(strip, lh - y)
-            rows.append(_block_reduce(self.read_level_box(level, 0, y, lw, h), factor))
+            rows.append(block_mean(self.read_level_box(level, 0, y, lw, h), factor))
         thumb = np.concatenate(rows, axis=0)
         if thumb.shape[:2] != (out_h, out_w):
             thumb = resize_area(thumb, (out_h, out_w))
@@ -297,28 +296,3 @@ class SlideReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _block_reduce(image: np.ndarray, factor: int) -> np.ndarray:
-    if factor == 1:
-        return image
-    h, w = image.shape[0] // factor * factor, image.shape[1] // factor * factor
-    if h == 0 or w == 0:
-        return image[: max(h // factor, 0), : max(w // factor, 0)]
-    return image[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-
-
-def resize_area(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Area (box-average) resize of HxWx3 uint8: a block mean for integer factors, torch otherwise."""
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    fy, fx = image.shape[0] / hw[0], image.shape[1] / hw[1]
-    if fy == fx and fy == int(fy) and image.shape[0] % hw[0] == 0 and image.shape[1] % hw[1] == 0:
-        f = int(fy)
-        acc = np.uint16 if f <= 16 else np.uint32  # 255 * f * f must fit
-        rows = image.reshape(hw[0], f, image.shape[1], -1).sum(axis=1, dtype=acc)
-        summed = rows.reshape(hw[0], hw[1], f, -1).sum(axis=2, dtype=acc)
-        return ((summed + f * f // 2) // (f * f)).astype(np.uint8)
-
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    out = F.interpolate(t, size=hw, mode="area")[0].permute(1, 2, 0)
-    return out.round().clamp(0, 255).to(torch.uint8).numpy()
