@@ -63,13 +63,16 @@ def train_val_split(
 def split_entries(entries: Sequence, manifest=None, val_fraction: float = 0.25, seed: int = 0, fold: int = 0) -> dict[str, list]:
     """Split feature-store entries into ``{"train": [...], "val": [...]}`` by patient.
 
-    The manifest's ``split`` column (``train``/``val``) wins when it is filled in.
+    The manifest's ``split`` column (``train``/``val``) wins when it is filled in (a missing manifest, e.g.
+    slides given with ``--input``, means no given split).
     """
+    from pathlib import Path
+
     from scripts.data.manifest import read_manifest
 
     ids = [e.meta["slide_id"] for e in entries]
     given = None
-    if manifest is not None:
+    if manifest is not None and Path(manifest).is_file():
         by_id = {r.slide_id: r.split for r in read_manifest(manifest, check_paths=False) if r.slide_id in set(ids)}
         given = [by_id.get(i) for i in ids]
     tr, va = train_val_split(
