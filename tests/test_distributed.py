@@ -1,0 +1,44 @@
+"""configs/multi_gpu_train.yaml under torchrun with 2 CPU processes (gloo backend)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_DEMO
+from scripts.mil.networks import CSMIL
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_training_with_two_cpu_processes(tmp_path):
+    data, out, models = tmp_path / "demo", tmp_path / "out", tmp_path / "models"
+    common = ["--dataset_dir", str(data), "--output_dir", str(out), "--demo_num_patients", str(TINY_DEMO.num_patients),
+              "--demo_slide_size", str(TINY_DEMO.size), "--progress", "False"]
+    # earlier stages once, in one process (ranks would otherwise race to build the same caches)
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "cluster", "--config_file", "configs/cluster.yaml", *common],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    r = subprocess.run([*torchrun, "-m", "monai.bundle", "run", "training", "--config_file",
+                        "['configs/train.yaml','configs/multi_gpu_train.yaml']", *common, "--ckpt_dir", str(models),
+                        "--max_epochs", "2", "--val_fraction", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert log.count("Validation AUC") == 1  # rank 0 alone reports
+    assert json.loads((out / "training_summary.json").read_text())["epochs"] == 2
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DistributedDataParallel
+    CSMIL(in_features=128).load_state_dict(state)
