@@ -46,3 +46,14 @@ def test_version_and_changelog_in_step():
     import scripts
 
     assert scripts.__version__ == meta["version"]
+
+
+def test_monai_reads_our_required_packages_unchanged():
+    """MONAI 1.6 renames 'optional_packages_version' to 'required_packages_version' when it reads metadata,
+    which would silently replace the real requirements: the key must not be used."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_meta(str(META))
+    required = parser.get("_meta_")["required_packages_version"]
+    assert "pytorch-ignite" in required and "openslide-python" in required
