@@ -1,0 +1,164 @@
+"""Baselines of the CS-MIL paper's Table 1, with the same interface as :class:`scripts.mil.networks.CSMIL`:
+``forward(x [B, S, N, D], mask [B, N] | None) -> logits [B, 2]``, bags laid out cluster-major.
+
+* :class:`AttentionMIL` covers the attention baselines by how scales are combined before pooling:
+  ``select`` one scale (DeepAttnMISL at 20x / 10x / 5x), ``instances`` (every scale of every location is
+  its own instance: Gated Attention / DeepAttnMISL multi-scale), ``sum`` (features of one location added
+  over scales: MDMIL-style), ``concat`` (concatenated over scales); pooling ``hierarchical`` (instances in
+  clusters, then clusters: DeepAttnMISL) or ``flat``; attention plain (Linear-Tanh-Linear) or gated (Ilse
+  et al., 2018).
+* :class:`DSMIL` is the dual-stream aggregator of Li et al. (2021) on scale-concatenated features: an
+  instance classifier picks the critical instance, attention by similarity to it builds the bag embedding,
+  and the two streams' scores are averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from scripts.mil.networks import CSMIL, masked_softmax
+
+
+class GatedScore(nn.Module):
+    """Gated attention score ``w^T (tanh(V h) * sigmoid(U h))``."""
+
+    def __init__(self, hidden: int, attn_hidden: int) -> None:
+        super().__init__()
+        self.v, self.u, self.w = nn.Linear(hidden, attn_hidden), nn.Linear(hidden, attn_hidden), nn.Linear(attn_hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
+
+
+class PlainScore(nn.Module):
+    """Attention score ``w^T tanh(V h)``."""
+
+    def __init__(self, hidden: int, attn_hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).squeeze(-1)
+
+
+def _combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S, N, D] -> instances [B, N', D'] (cluster-major) and mask [B, N']."""
+    b, s, n, d = x.shape
+    if mode == "select":
+        return x[:, scale], mask
+    if mode == "sum":
+        return x.sum(dim=1), mask
+    if mode == "concat":
+        return x.permute(0, 2, 1, 3).reshape(b, n, s * d), mask
+    # instances: each cluster's slots hold its M locations x S scales
+    m = n // k
+    inst = x.permute(0, 2, 1, 3).reshape(b, k, m * s, d).reshape(b, n * s, d)
+    return inst, mask.reshape(b, k, m, 1).expand(b, k, m, s).reshape(b, n * s)
+
+
+class AttentionMIL(nn.Module):
+    """Attention-pooling MIL over scale-combined instances (see the module docstring)."""
+
+    def __init__(
+        self, in_features: int = 2048, num_scales: int = 3, num_clusters: int = 8, scale_mode: str = "select",
+        scale: int = 0, pooling: str = "hierarchical", gated: bool = False, hidden: int = 64, attn_hidden: int = 32,
+        dropout: float = 0.5, num_classes: int = 2,
+    ) -> None:
+        super().__init__()
+        if scale_mode not in ("select", "instances", "sum", "concat"):
+            raise ValueError(f"scale_mode must be select, instances, sum or concat, got {scale_mode!r}")
+        if pooling not in ("hierarchical", "flat"):
+            raise ValueError(f"pooling must be 'hierarchical' or 'flat', got {pooling!r}")
+        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
+        self.scale_mode, self.scale, self.hierarchical = scale_mode, scale, pooling == "hierarchical"
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        d = in_features * (num_scales if scale_mode == "concat" else 1)
+        self.encoder = nn.Sequential(nn.Linear(d, hidden), nn.ReLU())
+        score = GatedScore if gated else PlainScore
+        self.instance_attention = score(hidden, attn_hidden)
+        self.cluster_attention = score(hidden, attn_hidden)
+        self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
+
+    set_input_stats = CSMIL.set_input_stats
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, _, n, _ = x.shape
+        mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
+        x = (x - self.input_mean) / self.input_std
+        inst, imask = _combine_scales(x, mask, self.scale_mode, self.scale, self.num_clusters)
+        h = self.encoder(inst)  # [B, N', H]
+        if self.hierarchical:
+            k = self.num_clusters
+            hk, mk = h.reshape(b, k, -1, h.shape[-1]), imask.reshape(b, k, -1)
+            a = masked_softmax(self.instance_attention(hk), mk, dim=-1)
+            clusters = (a.unsqueeze(-1) * hk).sum(dim=2)
+            c = masked_softmax(self.cluster_attention(clusters), mk.any(dim=-1), dim=-1)
+            slide = (c.unsqueeze(-1) * clusters).sum(dim=1)
+        else:
+            a = masked_softmax(self.instance_attention(h), imask, dim=-1)
+            slide = (a.unsqueeze(-1) * h).sum(dim=1)
+        return self.head(slide)
+
+
+class DSMIL(nn.Module):
+    """Dual-stream MIL (Li et al., CVPR 2021) on features concatenated over scales; 2-class logits."""
+
+    def __init__(self, in_features: int = 2048, num_scales: int = 3, num_clusters: int = 8, hidden: int = 64,
+                 dropout: float = 0.0, num_classes: int = 2) -> None:
+        super().__init__()
+        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        d = in_features * num_scales
+        self.embed = nn.Sequential(nn.Linear(d, hidden), nn.ReLU())
+        self.instance_classifier = nn.Linear(hidden, num_classes)
+        self.query = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.bag_classifier = nn.Linear(hidden, num_classes)
+
+    set_input_stats = CSMIL.set_input_stats
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s, n, d = x.shape
+        mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
+        x = (x - self.input_mean) / self.input_std
+        h = self.embed(x.permute(0, 2, 1, 3).reshape(b, n, s * d))  # [B, N, H]
+        inst_logits = self.instance_classifier(h)  # [B, N, C]
+        positive = inst_logits[..., -1].masked_fill(~mask, -1e4)
+        crit = positive.argmax(dim=1)  # critical instance per bag
+        max_logits = inst_logits[torch.arange(b, device=x.device), crit]  # [B, C]
+        q = self.query(h)
+        q_crit = q[torch.arange(b, device=x.device), crit]  # [B, H]
+        scores = (q * q_crit.unsqueeze(1)).sum(-1) / (q.shape[-1] ** 0.5)
+        a = masked_softmax(scores, mask, dim=-1)
+        bag = (a.unsqueeze(-1) * self.value(h)).sum(dim=1)
+        return 0.5 * (max_logits + self.bag_classifier(bag))
+
+
+#: the paper's Table 1 / Table 3 models by name (constructor, keyword arguments)
+MODELS: dict[str, tuple[type, dict]] = {
+    "deepattnmisl_20x": (AttentionMIL, {"scale_mode": "select", "scale": 0}),
+    "deepattnmisl_10x": (AttentionMIL, {"scale_mode": "select", "scale": 1}),
+    "deepattnmisl_5x": (AttentionMIL, {"scale_mode": "select", "scale": 2}),
+    "gated_attention_multiscale": (AttentionMIL, {"scale_mode": "instances", "pooling": "flat", "gated": True}),
+    "deepattnmisl_multiscale": (AttentionMIL, {"scale_mode": "instances"}),
+    "mdmil": (AttentionMIL, {"scale_mode": "sum"}),
+    "dsmil": (DSMIL, {}),
+    "csmil": (CSMIL, {}),
+    "csmil_shared_tanh": (CSMIL, {"scale_activation": "tanh"}),
+    "csmil_nonshared_relu": (CSMIL, {"share_scale_kernel": False}),
+    "csmil_nonshared_tanh": (CSMIL, {"share_scale_kernel": False, "scale_activation": "tanh"}),
+    "csmil_reference": (CSMIL, {"scale_softmax": False, "pooling": "flat"}),
+}
+
+
+def build_model(name: str, in_features: int, num_scales: int = 3, num_clusters: int = 8, **overrides) -> nn.Module:
+    """One of :data:`MODELS` by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    cls, kw = MODELS[name]
+    return cls(in_features=in_features, num_scales=num_scales, num_clusters=num_clusters, **{**kw, **overrides})
