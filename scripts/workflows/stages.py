@@ -18,7 +18,6 @@ from tqdm import tqdm
 from scripts.data.demo import DemoParams, generate_demo
 from scripts.data.manifest import SlideRecord, read_manifest
 from scripts.errors import BundleInputError
-from scripts.features.store import FeatureEntry
 from scripts.wsi.tiling import TilingParams, prepare_slide
 
 logger = logging.getLogger(__name__)
@@ -70,12 +69,3 @@ def prepare_cohort(
         for r in tqdm(records, desc="prepare slides", disable=not progress)
     ]
     return {"records": list(records), "tiles": tiles}
-
-
-def slide_table(entries: Sequence[FeatureEntry]) -> dict[str, list]:
-    """Columns (slide_id, patient_id, label, split) of store entries, for splitting."""
-    return {
-        "slide_id": [e.meta["slide_id"] for e in entries],
-        "patient_id": [e.meta["patient_id"] for e in entries],
-        "label": [int(e.meta["label"]) for e in entries],
-    }
