@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jsonschema
-import pytest
 
 from conftest import ROOT
 

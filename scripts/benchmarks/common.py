@@ -7,12 +7,24 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from scripts.data.demo import DemoParams, generate_demo
+import numpy as np
+
+from scripts.data.demo import DemoParams, generate_demo, render_slide
+from scripts.wsi.pyramid import write_pyramid
 
 
 def demo_cohort(root: Path, num_slides: int = 2, size: int = 2560) -> Path:
     """Manifest of a small generated cohort (cached in ``root``)."""
     return generate_demo(root, DemoParams(num_patients=num_slides, size=size, seed=123), progress=False)
+
+
+def large_slide(path: Path, size: int, downsamples: tuple[int, ...], seed: int) -> Path:
+    """A ``size`` x ``size`` JPEG pyramid at 0.5 µm/px tiled from one positive demo slide (cached at ``path``)."""
+    if path.is_file():
+        return path
+    img, _, _ = render_slide(1, DemoParams(size=2560), np.random.default_rng(seed))
+    reps = -(-size // img.shape[0])
+    return write_pyramid(path, np.tile(img, (reps, reps, 1))[:size, :size], mpp=0.5, downsamples=downsamples)
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:

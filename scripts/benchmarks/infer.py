@@ -12,14 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from scripts.benchmarks.common import report
-from scripts.data.demo import DemoParams, render_slide
+from scripts.benchmarks.common import large_slide, report
 from scripts.features.encoders import feature_dim
 from scripts.mil.networks import CSMIL
-from scripts.wsi.pyramid import write_pyramid
 
 ROOT = Path(__file__).resolve().parents[2]
 _LAUNCH = (
@@ -45,11 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.save(CSMIL(in_features=feature_dim(args.arch)).state_dict(), ckpt)
     rows, res = [], {}
     for size in [int(s) for s in args.sizes.split(",")]:
-        slide = work / f"slide_{size}.tif"
-        if not slide.is_file():
-            img, _, _ = render_slide(1, DemoParams(size=2560), np.random.default_rng(7))
-            reps = -(-size // img.shape[0])
-            write_pyramid(slide, np.tile(img, (reps, reps, 1))[:size, :size], mpp=0.5, downsamples=(1, 2, 4, 8))
+        slide = large_slide(work / f"slide_{size}.tif", size, (1, 2, 4, 8), seed=7)
         out = work / f"out_{size}"
         t = time.perf_counter()
         r = subprocess.run(

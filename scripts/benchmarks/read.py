@@ -12,30 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import openslide
 
-from scripts.benchmarks.common import report, timed
-from scripts.data.demo import DemoParams, render_slide
-from scripts.wsi.pyramid import write_pyramid
+from scripts.benchmarks.common import large_slide, report, timed
 from scripts.wsi.resample import resize_area
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tiling import TilingParams, prepare_slide
 
 SCALES = (0.5, 1.0, 2.0)
-
-
-def make_slide(path: Path, size: int, downsamples: tuple[int, ...]) -> Path:
-    if path.is_file():
-        return path
-    img, _, _ = render_slide(1, DemoParams(size=2560), np.random.default_rng(5))
-    reps = math.ceil(size / img.shape[0])
-    big = np.tile(img, (reps, reps, 1))[:size, :size]
-    return write_pyramid(path, big, mpp=0.5, downsamples=downsamples, compression="jpeg")
 
 
 def reference(path: Path, coords: np.ndarray, mpp: float) -> None:
@@ -96,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="csmil-bench-"))
     slides = {
-        "generated 1/4/16": make_slide(work / f"gen_1_4_16_{args.size}.tif", args.size, (1, 4, 16)),
-        "generated 1/2/4/8": make_slide(work / f"gen_1_2_4_8_{args.size}.tif", args.size, (1, 2, 4, 8)),
+        "generated 1/4/16": large_slide(work / f"gen_1_4_16_{args.size}.tif", args.size, (1, 4, 16), seed=5),
+        "generated 1/2/4/8": large_slide(work / f"gen_1_2_4_8_{args.size}.tif", args.size, (1, 2, 4, 8), seed=5),
     }
     if Path(args.real).is_file():
         slides["real SVS (CMU, 1 level)"] = Path(args.real)

@@ -100,7 +100,6 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     cuda = device.type == "cuda"
     encoders = [e.to(memory_format=torch.channels_last) for e in encoders]  # faster on CPU and GPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    dim = None
     buffers: dict[int, np.ndarray] = {}
     filled = [0] * len(pending)
     done: list[str] = []
@@ -113,11 +112,10 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
                 x = x.contiguous(memory_format=torch.channels_last)
                 feats.append(enc(x).float())
             f = torch.stack(feats, dim=1).cpu().numpy()  # [B, S, D]
-            dim = f.shape[-1]
             slide_idx = np.asarray(batch["slide_index"]).ravel()
             for si in np.unique(slide_idx):
                 rows = f[slide_idx == si]
-                buf = buffers.setdefault(int(si), np.empty((counts[si], len(encoders), dim), np.float16))
+                buf = buffers.setdefault(int(si), np.empty((counts[si], len(encoders), f.shape[-1]), np.float16))
                 buf[filled[si] : filled[si] + len(rows)] = rows
                 filled[si] += len(rows)
                 if filled[si] == counts[si]:
