@@ -62,12 +62,12 @@ class SlidePrediction:
 
 
 @torch.inference_mode()
-def predict_entry(
+def bag_probability(
     network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, per_cluster: int, num_bags: int = 100,
     replacement: bool = False, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 25,
-) -> SlidePrediction:
-    """Mean probability of class 1 over ``num_bags`` seeded random bags, and attention of every patch."""
-    t0 = time.perf_counter()
+) -> float:
+    """Mean probability of class 1 over ``num_bags`` random bags, seeded by ``(seed, slide id)`` (the paper's
+    test protocol); bags go through the network ``chunk`` at a time."""
     feats, clusters = entry.features(), entry.clusters()
     if clusters is None:
         raise BundleInputError(entry.path, "feature entry has no clusters", "run the cluster stage")
@@ -78,7 +78,18 @@ def predict_entry(
         x = torch.stack([gather_bag(feats, i) for i, _ in bags]).to(device)
         m = torch.stack([torch.from_numpy(mk) for _, mk in bags]).to(device)
         probs.append(torch.softmax(network(x, m).float(), -1)[:, 1].cpu())
-    probability = float(torch.cat(probs).mean())
+    return float(torch.cat(probs).mean())
+
+
+@torch.inference_mode()
+def predict_entry(
+    network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, per_cluster: int, num_bags: int = 100,
+    replacement: bool = False, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 25,
+) -> SlidePrediction:
+    """Mean probability of class 1 over ``num_bags`` seeded random bags, and attention of every patch."""
+    t0 = time.perf_counter()
+    probability = bag_probability(network, entry, num_clusters, per_cluster, num_bags, replacement, seed, device, chunk)
+    feats, clusters = entry.features(), entry.clusters()
     idx, mask = full_bag(clusters, num_clusters)
     x = gather_bag(feats, idx)[None].to(device)
     _, att = network.forward_attention(x, torch.from_numpy(mask)[None].to(device))

@@ -153,6 +153,7 @@ MODELS: dict[str, tuple[type, dict]] = {
     "csmil_nonshared_relu": (CSMIL, {"share_scale_kernel": False}),
     "csmil_nonshared_tanh": (CSMIL, {"share_scale_kernel": False, "scale_activation": "tanh"}),
     "csmil_reference": (CSMIL, {"scale_softmax": False, "pooling": "flat"}),
+    "csmil_flat": (CSMIL, {"pooling": "flat"}),
 }
 
 

@@ -79,3 +79,55 @@ def split_entries(entries: Sequence, manifest=None, val_fraction: float = 0.25, 
         ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], val_fraction, seed, fold, given
     )
     return {"train": [entries[i] for i in tr], "val": [entries[i] for i in va]}
+
+
+def _stratified_group_folds(labels: Sequence[int], patients: Sequence[str], n_splits: int, seed: int, what: str) -> list[tuple[list[int], list[int]]]:
+    """``StratifiedGroupKFold`` folds with a clear error when a class has fewer patients than folds."""
+    per_class: dict[int, set] = {}
+    for pid, lab in zip(patients, labels):
+        per_class.setdefault(int(lab), set()).add(pid)
+    if len(per_class) < 2:
+        raise BundleInputError(None, f"the {what} has a single class", "evaluation needs slides of both classes")
+    smallest = min(len(v) for v in per_class.values())
+    if smallest < n_splits:
+        raise BundleInputError(
+            None, f"a class of the {what} has only {smallest} patients: too few for {n_splits} patient-level splits",
+            f"lower the number of splits (e.g. --eval_num_splits {max(2, smallest)}) or add patients",
+        )
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(list(map(int, a)), list(map(int, b))) for a, b in sgkf.split(np.zeros(len(labels)), np.asarray(labels), np.asarray(patients))]
+
+
+def protocol_splits(
+    slide_ids: Sequence[str], patient_ids: Sequence[str], labels: Sequence[int], num_splits: int = 10,
+    val_fraction: float = 0.25, seed: int = 0, test: Sequence[bool] | None = None,
+) -> list[dict[str, list[str]]]:
+    """The evaluation protocol's ``num_splits`` patient-level, label-stratified splits (slide ids per partition).
+
+    * External test set (``test`` marks its slides, e.g. a test manifest or ``split == test`` rows): the
+      development slides are cut into ``num_splits`` patient folds; split ``i`` validates on fold ``i`` and
+      trains on the rest (leave-one-fold-out, as the paper selects its 10 models); all splits share the test set.
+    * No test set: cross-validation; split ``i`` tests on fold ``i`` and carves a validation set
+      (``val_fraction`` of the patients, stratified) out of the remaining patients.
+
+    Every split is checked for patient leakage between its partitions.
+    """
+    ids, pats, labs = list(slide_ids), list(patient_ids), [int(x) for x in labels]
+    is_test = [bool(t) for t in test] if test is not None else [False] * len(ids)
+    dev = [i for i in range(len(ids)) if not is_test[i]]
+    ext = [ids[i] for i in range(len(ids)) if is_test[i]]
+    patient_of = dict(zip(ids, pats))
+    out = []
+    folds = _stratified_group_folds([labs[i] for i in dev], [pats[i] for i in dev], num_splits, seed, "development cohort")
+    for k, (rest, held) in enumerate(folds):
+        if ext:
+            split = {"train": [ids[dev[j]] for j in rest], "val": [ids[dev[j]] for j in held], "test": ext}
+        else:
+            rest_idx = [dev[j] for j in rest]
+            inner_n = max(2, int(round(1 / val_fraction)))
+            inner = _stratified_group_folds([labs[i] for i in rest_idx], [pats[i] for i in rest_idx], inner_n, seed + 1 + k, "training part of a split")
+            tr, va = inner[0]
+            split = {"train": [ids[rest_idx[j]] for j in tr], "val": [ids[rest_idx[j]] for j in va], "test": [ids[dev[j]] for j in held]}
+        check_no_leakage(split, patient_of)
+        out.append(split)
+    return out

@@ -1,0 +1,61 @@
+"""Wall time of the whole evaluation protocol (splits x models) on the demo cohort's features.
+
+Baseline measured in the same run: one training run of CS-MIL on one split (what `run training` costs once
+features exist). The ratio ``protocol_vs_runs`` = protocol wall time / (number of runs x one run) shows the
+protocol's own overhead (parsing, bag scoring of 100 bags per test slide, statistics, figures); ~1 is ideal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+
+from scripts.benchmarks.common import report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks evaluate", description=__doc__)
+    ap.add_argument("--dataset_dir", default="data/demo", help="demo cohort (generated there when missing)")
+    ap.add_argument("--cache_dir", default="outputs/cache", help="feature store shared with `run training`")
+    ap.add_argument("--splits", type=int, default=10)
+    ap.add_argument("--models", default="all", help="comma-separated model names, or 'all' (configs/evaluate.yaml)")
+    ap.add_argument("--max_epochs", type=int, default=None, help="override configs/train.yaml max_epochs")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from scripts.evaluation import workflow
+    from scripts.evaluation.protocol import Variant, run_one
+    from scripts.workflows.splits import protocol_splits
+
+    parser = ConfigParser()
+    parser.read_config("configs/evaluate.yaml")
+    parser["dataset_dir"], parser["cache_dir"], parser["progress"] = args.dataset_dir, args.cache_dir, False
+    entries = parser.get_parsed_content("entries")  # builds the features once (not timed)
+    models = parser.get_parsed_content("eval_models") if args.models == "all" else args.models.split(",")
+    train_ids = dict(parser.get_parsed_content("stage_overrides"))
+    if args.max_epochs:
+        train_ids["max_epochs"] = args.max_epochs
+    out = Path(tempfile.mkdtemp(prefix="csmil-eval-bench-"))
+    try:
+        ids = [e.slide_id for e in entries]
+        split = protocol_splits(ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], args.splits)[0]
+        by_id = {e.slide_id: e for e in entries}
+        t = time.perf_counter()
+        run_one(".", train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        workflow.evaluate(".", train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True)
+        total = time.perf_counter() - t
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    n_runs = len(models) * args.splits
+    rows = [
+        {"what": "one training run (csmil, 1 split)", "runs": 1, "seconds": one},
+        {"what": f"protocol ({args.splits} splits x {len(models)} models + report)", "runs": n_runs, "seconds": total},
+    ]
+    report("evaluate", rows, {"protocol_vs_runs": total / (n_runs * one), "protocol_minutes": total / 60, "cpu_count": float(os.cpu_count() or 1)}, args.json)

@@ -1,0 +1,170 @@
+"""The paper's evaluation protocol: every model variant trained on the same patient-level splits with the
+same hyper-parameters, each split's model chosen by validation loss, test slides scored with R random bags.
+
+Each (variant, split) run parses ``configs/train.yaml`` with the caller's shared ids, the split's slides and
+the variant's network and overrides, so ``run evaluate`` trains exactly what ``run training`` trains. A run
+lives in ``<output>/runs/<variant>/split_<i>-<hash>``: the hash covers everything the run depends on (features,
+clusters, split, model, overrides), the directory is filled under a ``.partial`` name and renamed when its
+predictions are written, so an interrupted evaluation resumes at the first unfinished run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from monai.bundle import ConfigParser
+from tqdm import tqdm
+
+from scripts.cache import stable_hash
+from scripts.features.store import FeatureEntry
+from scripts.inference.predict import bag_probability, load_network
+from scripts.mil.baselines import MODELS
+from scripts.workflows.splits import protocol_splits
+
+logger = logging.getLogger(__name__)
+
+#: loggers silenced (to WARNING) while the protocol's many runs train, unless ``verbose``
+_CHATTY = ("ignite", "StatsHandler", "monai.handlers.StatsHandler", "csmil.training", "monai.handlers", "scripts.workflows.stages")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: a model of :data:`scripts.mil.baselines.MODELS` plus ``train.yaml`` overrides."""
+
+    name: str
+    model: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+def make_variants(models: Sequence[str], ablation_id: str | None = None, ablation_values: Sequence[Any] = (),
+                  ablation_models: Sequence[str] = ("csmil",)) -> list[Variant]:
+    """``models`` as variants, plus one variant per ablation value (``<model>[<id>=<value>]``) of each
+    ``ablation_models`` entry, e.g. bag sizes ``bag_per_cluster=[64, 16, 8, 1]`` (the paper's Table 4)."""
+    unknown = [m for m in [*models, *(ablation_models if ablation_id else [])] if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    out = [Variant(m, m) for m in models]
+    if ablation_id:
+        out += [Variant(f"{m}[{ablation_id}={v}]", m, {ablation_id: v}) for m in ablation_models for v in ablation_values]
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate variants: {names}")
+    return out
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Silence per-epoch logs of the many runs: a filter (MONAI's ``get_logger`` resets levels to INFO for
+    every new StatsHandler) plus the level (children such as ``ignite.engine.engine.SupervisedTrainer``)."""
+    loggers = [logging.getLogger(name) for name in _CHATTY]
+    levels = [lg.level for lg in loggers]
+    flt = _BelowWarning()
+    if enabled:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+            lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+            lg.removeFilter(flt)
+
+
+def _entry_key(e: FeatureEntry) -> list:
+    return [e.path.name, e.cluster_params()]
+
+
+def run_one(
+    bundle_root: str | Path, train_ids: Mapping[str, Any], variant: Variant, split: Mapping[str, Sequence[FeatureEntry]],
+    run_dir: Path, test_bags: int, seed: int, device: Any = "cpu",
+) -> dict:
+    """Train ``variant`` on one split (``configs/train.yaml`` with ``train_ids`` overrides), reload its
+    lowest-validation-loss checkpoint and score the split's validation and test slides (cached in ``run_dir``)."""
+    done = run_dir / "predictions.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    tmp = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_root) / "configs" / "train.yaml"))
+    for key, value in {**train_ids, **variant.overrides}.items():
+        parser[key] = value
+    parser["split"] = {"train": list(split["train"]), "val": list(split["val"])}
+    parser["network_def"] = {
+        "_target_": "scripts.mil.baselines.build_model", "_requires_": "@determinism", "name": variant.model,
+        "in_features": "@in_features", "num_scales": "$len(@scales_mpp)", "num_clusters": "@num_clusters",
+    }
+    parser["output_dir"], parser["ckpt_dir"], parser["progress"] = str(tmp), str(tmp), False
+    parser.get_parsed_content("training")
+    network = load_network(parser.get_parsed_content("network"), tmp / "model.pt", device)
+    k, m = parser.get_parsed_content("num_clusters"), parser.get_parsed_content("bag_per_cluster")
+    replacement = str(parser.get_parsed_content("bag_replacement")).lower() in ("true", "1")
+    summary = json.loads((tmp / "training_summary.json").read_text())
+    result = {
+        "variant": variant.name,
+        "best": summary.get("best"),
+        **{
+            part: {e.slide_id: bag_probability(network, e, k, m, test_bags, replacement, seed, device) for e in split[part]}
+            for part in ("val", "test")
+        },
+    }
+    (tmp / "predictions.json").write_text(json.dumps(result, indent=1))
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    tmp.rename(run_dir)
+    return result
+
+
+def run_protocol(
+    bundle_root: str | Path, train_ids: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
+    output_dir: str | Path, num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
+    test_entries: Sequence[FeatureEntry] = (), is_test: Sequence[bool] | None = None, test_bags: int = 100,
+    device: Any = "cpu", progress: bool = True, verbose: bool = False,
+) -> dict:
+    """Run every variant on every split. Returns ``{"mode", "splits", "slides", "runs": {variant: [per split]}}``.
+
+    The test set is ``test_entries`` (a test manifest) plus the ``entries`` flagged in ``is_test`` (manifest rows
+    with ``split == test``); without one, the splits are a cross-validation (see
+    :func:`scripts.workflows.splits.protocol_splits`).
+    """
+    all_entries = list(entries) + [e for e in test_entries if e.slide_id not in {x.slide_id for x in entries}]
+    flags = list(is_test) if is_test is not None else [False] * len(entries)
+    flags += [True] * (len(all_entries) - len(entries))
+    by_id = {e.slide_id: e for e in all_entries}
+    if len(by_id) != len(all_entries):
+        raise ValueError("duplicate slide ids across the cohort and the test set")
+    meta = {e.slide_id: e.meta for e in all_entries}
+    ids = list(by_id)
+    splits = protocol_splits(ids, [meta[i]["patient_id"] for i in ids], [int(meta[i]["label"]) for i in ids], num_splits,
+                             val_fraction, seed, flags)
+    mode = "external_test" if any(flags) else "cross_validation"
+    logger.info("evaluation: %d variants x %d splits (%s), %d slides", len(variants), len(splits), mode, len(ids))
+    out_dir = Path(output_dir) / "runs"
+    runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+    jobs = [(v, i, s) for i, s in enumerate(splits) for v in variants]
+    with _quiet(not verbose):
+        for v, i, s in tqdm(jobs, desc="evaluate (variant x split)", disable=not progress):
+            parts = {name: [by_id[x] for x in s[name]] for name in ("train", "val", "test")}
+            key = stable_hash([v.model, dict(v.overrides), {n: [_entry_key(e) for e in p] for n, p in parts.items()},
+                               {k: str(val) for k, val in train_ids.items() if k not in ("output_dir", "progress")},
+                               test_bags, seed], 10)
+            runs[v.name].append(run_one(bundle_root, train_ids, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
+    return {
+        "mode": mode,
+        "splits": splits,
+        "slides": {i: {"patient_id": meta[i]["patient_id"], "label": int(meta[i]["label"])} for i in ids},
+        "runs": runs,
+    }

@@ -1,0 +1,201 @@
+"""From the protocol's predictions to ``report.json`` and ``report.md`` (tables laid out as the paper's)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from scripts.cache import atomic_write_bytes, atomic_write_json
+from scripts.evaluation import metrics, stats
+
+logger = logging.getLogger(__name__)
+
+#: the paper's Table 1 rows (baselines, then CS-MIL) and Table 3 rows (attention variants)
+TABLE1 = ["deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x", "gated_attention_multiscale", "deepattnmisl_multiscale",
+          "mdmil", "dsmil", "csmil"]
+TABLE3 = ["csmil", "csmil_shared_tanh", "csmil_nonshared_relu", "csmil_nonshared_tanh", "csmil_reference", "csmil_flat"]
+SUMMARY_KEYS = ("auc", "ap", "accuracy", "balanced_accuracy", "brier")
+
+
+def _accuracy(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((p >= 0.5) == y))
+
+
+def _brier(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((p - y) ** 2))
+
+
+#: metrics with bootstrap CIs (AUC by midranks: fast inside 2,000 resamples)
+CI_METRICS = {"auc": stats.auc_score, "ap": average_precision_score, "accuracy": _accuracy, "brier": _brier}
+
+
+def _nan_stats(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def combine(result: dict, variant: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One prediction per test slide: the ensemble mean over split models (external test set) or the
+    out-of-fold prediction (cross-validation). Returns (slide ids, probabilities, per-slide thresholds)."""
+    runs = result["runs"][variant]
+    thresholds = [metrics.youden_threshold(*_yp(result, r["val"])) for r in runs]
+    if result["mode"] == "external_test":
+        ids = list(runs[0]["test"])
+        p = np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
+        thr = np.full(len(ids), float(np.median(thresholds)))
+    else:
+        ids, p, thr = [], [], []
+        for r, t in zip(runs, thresholds):
+            ids += list(r["test"])
+            p += list(r["test"].values())
+            thr += [t] * len(r["test"])
+        p, thr = np.asarray(p), np.asarray(thr)
+    return ids, np.asarray(p, dtype=float), thr
+
+
+def _yp(result: dict, preds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    ids = list(preds)
+    return np.asarray([result["slides"][i]["label"] for i in ids]), np.asarray([preds[i] for i in ids], dtype=float)
+
+
+def build_report(
+    result: dict, reference: str = "csmil", n_resamples: int = 2000, seed: int = 0, by_patient: bool = True,
+    protocol: dict | None = None,
+) -> dict:
+    """Metrics per split (mean ± sd), on the combined predictions (with bootstrap CIs), calibration, curves and
+    paired comparisons (DeLong, bootstrap) of ``reference`` against every other variant."""
+    models: dict[str, dict] = {}
+    combined: dict[str, tuple] = {}
+    for name, runs in result["runs"].items():
+        per_split = []
+        for r in runs:
+            y, p = _yp(result, r["test"])
+            m = metrics.binary_metrics(y, p, metrics.youden_threshold(*_yp(result, r["val"])))
+            m["best_epoch"] = (r.get("best") or {}).get("epoch")
+            per_split.append(m)
+        ids, p, thr = combine(result, name)
+        y = np.asarray([result["slides"][i]["label"] for i in ids])
+        groups = [result["slides"][i]["patient_id"] for i in ids] if by_patient else None
+        combined[name] = (ids, y, p, groups)
+        pooled = metrics.binary_metrics(y, p)
+        pooled["at_val"] = metrics.threshold_metrics(y, p, thr)
+        ci = {k: stats.bootstrap_ci(y, p, f, n_resamples, seed, groups=groups) for k, f in CI_METRICS.items()} if len(set(y)) > 1 else {}
+        fpr, tpr, _ = roc_curve(y, p) if len(set(y)) > 1 else ([], [], [])
+        prec, rec, _ = precision_recall_curve(y, p) if len(set(y)) > 1 else ([], [], [])
+        models[name] = {
+            "per_split": per_split,
+            "mean": {k: _nan_stats([s[k] for s in per_split])[0] for k in SUMMARY_KEYS if k != "balanced_accuracy"}
+            | {"balanced_accuracy": _nan_stats([s["at_0.5"]["balanced_accuracy"] for s in per_split])[0]},
+            "sd": {k: _nan_stats([s[k] for s in per_split])[1] for k in SUMMARY_KEYS if k != "balanced_accuracy"}
+            | {"balanced_accuracy": _nan_stats([s["at_0.5"]["balanced_accuracy"] for s in per_split])[1]},
+            "combined": pooled,
+            "ci95": ci,
+            "calibration": metrics.calibration(y, p),
+            "curves": {"roc": {"fpr": list(map(float, fpr)), "tpr": list(map(float, tpr))},
+                       "pr": {"precision": list(map(float, prec)), "recall": list(map(float, rec))}},
+            "predictions": {i: float(v) for i, v in zip(ids, p)},
+        }
+    comparisons = {}
+    if reference in combined:
+        ids_r, y, p_ref, groups = combined[reference]
+        for name, (ids, _, p, _) in combined.items():
+            if name == reference or len(set(y)) < 2:
+                continue
+            order = {i: k for k, i in enumerate(ids)}
+            p_other = p[[order[i] for i in ids_r]]
+            comparisons[name] = {
+                "delong": stats.delong_test(y, p_ref, p_other),
+                "bootstrap": stats.paired_bootstrap_test(y, p_ref, p_other, stats.auc_score, n_resamples, seed, groups),
+            }
+    return {
+        "protocol": {**(protocol or {}), "mode": result["mode"], "num_splits": len(result["splits"]), "reference": reference,
+                     "bootstrap_resamples": n_resamples, "bootstrap_unit": "patient" if by_patient else "slide", "seed": seed},
+        "splits": result["splits"],
+        "models": models,
+        "comparisons": comparisons,
+    }
+
+
+def _fmt(x: Any, nd: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _ms(model: dict, key: str) -> str:
+    return f"{_fmt(model['mean'][key])} ± {_fmt(model['sd'][key], 3)}"
+
+
+def _ci(model: dict, key: str) -> str:
+    c = model["ci95"].get(key)
+    return "n/a" if not c else f"{_fmt(c['estimate'])} [{_fmt(c['low'], 3)}, {_fmt(c['high'], 3)}]"
+
+
+def _model_table(report: dict, names: Sequence[str]) -> list[str]:
+    rows = ["| model | AUC (mean ± sd) | AP (mean ± sd) | accuracy (mean ± sd) | AUC, combined [95% CI] | AP, combined [95% CI] | accuracy, combined [95% CI] |",
+            "|---|---|---|---|---|---|---|"]
+    for n in names:
+        m = report["models"][n]
+        rows.append(f"| {n} | {_ms(m, 'auc')} | {_ms(m, 'ap')} | {_ms(m, 'accuracy')} | {_ci(m, 'auc')} | {_ci(m, 'ap')} | {_ci(m, 'accuracy')} |")
+    return rows
+
+
+def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png", "calibration.png")) -> str:
+    """The report as Markdown: protocol, Tables 1-4, thresholds and calibration, figures."""
+    p = report["protocol"]
+    names = list(report["models"])
+    combined_what = "ensemble of the split models on the test set" if p["mode"] == "external_test" else "out-of-fold predictions pooled over splits"
+    lines = [
+        "# CS-MIL evaluation report", "",
+        f"Protocol: {p['num_splits']} patient-level splits ({p['mode'].replace('_', ' ')}); every model trained with the same splits "
+        f"and hyper-parameters, its checkpoint chosen by validation loss, test slides scored with {p.get('test_bags', 'R')} random bags. "
+        f"'mean ± sd' is over splits; 'combined' is the {combined_what}, with {p['bootstrap_resamples']} bootstrap resamples "
+        f"of {p['bootstrap_unit']}s (seed {p['seed']}) for the 95% CIs.", "",
+    ]
+    t1 = [n for n in TABLE1 if n in names] + [n for n in names if n not in TABLE1 and n not in TABLE3 and "[" not in n]
+    if t1:
+        lines += ["## Table 1: CS-MIL and the multi-scale baselines", "", *_model_table(report, t1), ""]
+    if report["comparisons"]:
+        lines += [f"## Table 2: {p['reference']} against each model (paired, two-tailed, combined predictions)", "",
+                  "| model | AUC | ΔAUC (reference − model) | bootstrap 95% CI of Δ | bootstrap p | DeLong z | DeLong p |", "|---|---|---|---|---|---|---|"]
+        for n, c in report["comparisons"].items():
+            d, b = c["delong"], c["bootstrap"]
+            lines.append(f"| {n} | {_fmt(d['auc_2'])} | {_fmt(d['diff'])} | [{_fmt(b['low'], 3)}, {_fmt(b['high'], 3)}] | {_fmt(b['p'])} | {_fmt(d['z'], 2)} | {_fmt(d['p'])} |")
+        lines.append("")
+    t3 = [n for n in TABLE3 if n in names]
+    if len(t3) > 1:
+        lines += ["## Table 3: cross-scale attention variants (kernel sharing x activation; reference-code behaviour; pooling)", "",
+                  *_model_table(report, t3), ""]
+    t4 = [n for n in names if "[" in n]
+    if t4:
+        lines += ["## Table 4: ablation", "", *_model_table(report, t4), ""]
+    lines += ["## Thresholds and calibration (combined predictions)", "",
+              "| model | sens / spec @0.5 | balanced acc @0.5 | sens / spec @val threshold | balanced acc @val | Brier | ECE |", "|---|---|---|---|---|---|---|"]
+    for n in names:
+        c = report["models"][n]["combined"]
+        a, v = c["at_0.5"], c["at_val"]
+        lines.append(f"| {n} | {_fmt(a['sensitivity'], 3)} / {_fmt(a['specificity'], 3)} | {_fmt(a['balanced_accuracy'], 3)} | "
+                     f"{_fmt(v['sensitivity'], 3)} / {_fmt(v['specificity'], 3)} | {_fmt(v['balanced_accuracy'], 3)} | "
+                     f"{_fmt(c['brier'])} | {_fmt(report['models'][n]['calibration']['ece'])} |")
+    lines += ["", "The validation threshold maximises Youden's J on each split's validation slides.", ""]
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    """``report.json``, ``report.md``, ``roc.png``, ``pr.png`` and ``calibration.png`` in ``out_dir`` (atomic writes)."""
+    from scripts.evaluation import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "report.json", "md": out / "report.md"}
+    files.update(plots.write_figures(report, out))
+    atomic_write_json(files["json"], report)
+    atomic_write_bytes(files["md"], render_markdown(report).encode())
+    logger.info("evaluation report: %s", files["md"])
+    return files
