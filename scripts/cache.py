@@ -12,6 +12,8 @@ import io
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,3 +131,55 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _lock_path(target: str | os.PathLike) -> Path:
+    target = Path(target)
+    return target.parent / f"{target.name}.lock"
+
+
+def try_claim(target: str | os.PathLike) -> bool:
+    """Claim the right to compute cache entry ``target`` (a ``<target>.lock`` file created exclusively).
+
+    Returns False when another live process holds the claim. A claim left by a dead process on this host is
+    taken over; claims from other hosts (shared filesystems) are respected until released, so a crashed node's
+    claims must be cleared with ``rm <store>/*.lock`` (docs/scaling.md).
+    """
+    lock = _lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    tmp = lock.parent / f"{_TMP_PREFIX}{lock.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # atomic: the lock appears complete or not at all
+                return True
+            except FileExistsError:
+                holder = claim_holder(target)
+                if holder is None:
+                    continue  # released meanwhile
+                if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+                    return True
+                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                    lock.unlink(missing_ok=True)  # stale: the holder died
+                    continue
+                return False
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def claim_holder(target: str | os.PathLike) -> dict | None:
+    """The ``{host, pid, time}`` holding a claim on ``target``, or None (no claim, or a torn lock file)."""
+    try:
+        return json.loads(_lock_path(target).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+
+
+def release_claim(target: str | os.PathLike) -> None:
+    """Release this process's claim on ``target`` (no-op when not held by this process)."""
+    holder = claim_holder(target)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        _lock_path(target).unlink(missing_ok=True)

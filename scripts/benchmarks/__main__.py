@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from scripts.benchmarks import evaluate, extract, infer, read, train
+from scripts.benchmarks import evaluate, extract, infer, read, scaling, train
 
-BENCHMARKS = {"read": read.main, "extract": extract.main, "infer": infer.main, "train": train.main, "evaluate": evaluate.main}
+BENCHMARKS = {"read": read.main, "extract": extract.main, "infer": infer.main, "train": train.main, "evaluate": evaluate.main, "scaling": scaling.main}
 
 
 def main() -> None:

@@ -3,6 +3,12 @@
 All pending slides stream through one DataLoader (one slide handle per worker); each slide's features
 are gathered in memory ([N, S, D] float16, small) and its store entry is written atomically as soon as
 its last patch is encoded, so a killed run loses at most the slides in flight.
+
+Several processes may fill one store at once (torchrun ranks, or independent jobs on a shared
+filesystem): a process claims a slide (``<entry>.lock``, :func:`scripts.cache.try_claim`) before encoding
+it, so each slide is computed once. Under torchrun the pending slides are first dealt to ranks balanced by
+patch count (tissue area); a rank that finishes its share takes over slides nobody holds (e.g. those of a
+rank that died), then waits for slides other live processes are still encoding.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +26,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from scripts.cache import atomic_dir, remove_stale_temporaries, stable_hash
+from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.data.manifest import SlideRecord
 from scripts.errors import BundleInputError
 from scripts.features.encoders import encoder_signature
@@ -78,14 +85,72 @@ def extract_cohort(
         targets.append(store_dir / name)
         if not is_complete(store_dir / name):
             pending.append((rec, Path(tdir), store_dir / name, prov))
-    if stats is not None:
-        stats["computed"] = []
+    rank, world = _rank_world()
+    progress = progress and rank == 0
+    computed: list[str] = []
     if pending:
-        logger.info("extracting features of %d / %d slides", len(pending), len(records))
-        done = _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress)
-        if stats is not None:
-            stats["computed"] = done
+        mine = [pending[i] for i in balanced_shard([_num_patches(j[1]) for j in pending], world, rank)] if world > 1 else pending
+        logger.info("extracting features of %d / %d slides%s", len(pending), len(records),
+                    f" ({len(mine)} on rank {rank} of {world})" if world > 1 else "")
+        run = lambda jobs: _extract(jobs, encoders, transform, scale_keys, batch_size, num_workers, device, progress)  # noqa: E731
+        computed += _claim_and_extract(mine, run)
+        if world > 1:  # then anything nobody holds (slides of a rank that died), waiting for live holders
+            computed += _claim_and_extract(pending, run)
+    if stats is not None:
+        stats["computed"] = computed
     return [FeatureEntry(t) for t in targets]
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _num_patches(tiles_dir: Path) -> int:
+    return int(np.load(Path(tiles_dir) / "coords.npy", mmap_mode="r").shape[0])
+
+
+def balanced_shard(costs: Sequence[int], world: int, rank: int) -> list[int]:
+    """Indices of ``costs`` (patches per slide, i.e. tissue area) dealt to ``rank``: greedy longest-first onto
+    the least-loaded rank (deterministic, so every rank computes the same partition)."""
+    loads = [0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        owner[i] = r
+        loads[r] += costs[i]
+    return [i for i in range(len(costs)) if owner[i] == rank]
+
+
+def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], poll_s: float = 1.0) -> list[str]:
+    """Encode the ``jobs`` this process can claim; wait for those other live processes hold; repeat until every
+    job's entry is complete. Returns the slide ids encoded here."""
+    done: list[str] = []
+    todo = [j for j in jobs if not is_complete(j[2])]
+    announced = False
+    while todo:
+        claimed = [j for j in todo if try_claim(j[2])]
+        mine = []
+        for j in claimed:
+            if is_complete(j[2]):  # finished by another process between the check and the claim
+                release_claim(j[2])
+            else:
+                mine.append(j)
+        try:
+            if mine:
+                done += run(mine)
+        finally:
+            for j in mine:
+                release_claim(j[2])
+        todo = [j for j in todo if not is_complete(j[2])]
+        if todo and not mine:
+            if not announced:
+                holders = {str(claim_holder(j[2])) for j in todo}
+                logger.info("waiting for %d slides being encoded by other processes (%s)", len(todo), ", ".join(sorted(holders))[:200])
+                announced = True
+            time.sleep(poll_s)
+    return done
 
 
 def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> list[str]:
@@ -120,6 +185,7 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
                 filled[si] += len(rows)
                 if filled[si] == counts[si]:
                     _write_entry(pending[si], buffers.pop(int(si)))
+                    release_claim(pending[si][2])  # waiters may go on at once
                     done.append(pending[si][0].slide_id)
             bar.update(len(slide_idx))
     bar.close()
@@ -149,4 +215,4 @@ def _write_entry(job, features: np.ndarray) -> None:
         np.save(tmp / "features.npy", features)
         np.save(tmp / "coords.npy", np.load(tdir / "coords.npy"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    logger.debug("wrote %s", target)
+    logger.info("encoded %s (%d patches) -> %s", rec.slide_id, features.shape[0], target.name)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.data import DataLoader, Dataset
+from torch.utils.data import DistributedSampler
 from torch import nn
 
 from scripts.cache import atomic_write_bytes, atomic_write_json, stable_hash
@@ -85,16 +86,27 @@ def _pretrain_one_scale(
     final = out_dir / "encoder.pt"
     if final.is_file():
         return final
+    rank, world = _rank_world()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = SimSiam(arch).to(device)
-    lr = base_lr * batch_size / 256
+    lr = base_lr * batch_size / 256  # batch_size is the global batch (split over ranks)
+    if world > 1:
+        if device.type == "cuda":  # SimSiam's projector / predictor batch norms need global-batch statistics
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            logger.warning("CPU ranks: batch norms use per-rank statistics (SyncBatchNorm needs GPUs)")
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    net = model.module if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / max(epochs, 1))))
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=True, drop_last=len(items) > batch_size,
-                        num_workers=num_workers, generator=generator)
-    d = model.projector[-1].num_features
+    dataset = Dataset(items, transform)
+    per_rank = max(1, batch_size // world)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if world > 1 else None
+    loader = DataLoader(dataset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(items) > batch_size, num_workers=num_workers, generator=generator)
+    d = net.projector[-1].num_features
 
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
@@ -114,32 +126,42 @@ def _pretrain_one_scale(
     @trainer.on(Events.EPOCH_STARTED)
     def _reset(engine):
         engine.state.epoch_stats = []
+        if sampler is not None:
+            sampler.set_epoch(engine.state.epoch)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _collect(engine):
         engine.state.epoch_stats.append(engine.state.output)
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(out_dir / "logs"))
+        writer = SummaryWriter(log_dir=str(out_dir / "logs"))
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _epoch_end(engine):
         scheduler.step()
         stats = engine.state.epoch_stats
-        loss = float(np.mean([s["loss"] for s in stats]))
-        std = float(np.mean([s["std"] for s in stats]))
+        local = torch.tensor([np.mean([s["loss"] for s in stats]), np.mean([s["std"] for s in stats])], dtype=torch.float64)
+        if world > 1:  # epoch means over all ranks
+            torch.distributed.all_reduce(local)
+            local /= world
+        loss, std = float(local[0]), float(local[1])
         engine.state.metrics.update(loss=loss, collapse_std=std, collapse_ratio=std * math.sqrt(d))
+        history.append({"epoch": engine.state.epoch, "loss": loss, "collapse_std": std})
+        if writer is None:
+            return
         writer.add_scalar("pretrain/loss", loss, engine.state.epoch)
         writer.add_scalar("pretrain/collapse_std", std, engine.state.epoch)
         writer.add_scalar("pretrain/collapse_bound", 1 / math.sqrt(d), engine.state.epoch)
         writer.add_scalar("pretrain/lr", optimizer.param_groups[0]["lr"], engine.state.epoch)
         writer.flush()
-        history.append({"epoch": engine.state.epoch, "loss": loss, "collapse_std": std})
         logger.info("pretrain %s epoch %d/%d: loss %.4f, output std %.4f (1/sqrt(d) = %.4f)",
                     name, engine.state.epoch, epochs, loss, std, 1 / math.sqrt(d))
 
-    to_save = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
+    to_save = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
+    # ignite's DiskSaver is distributed-aware: built on every rank (it synchronises), it writes on rank 0 only
     ckpt = Checkpoint(to_save, DiskSaver(str(out_dir / "checkpoints"), require_empty=False, atomic=True), n_saved=1,
                       filename_prefix="resume")
     trainer.add_event_handler(Events.EPOCH_COMPLETED, ckpt)
@@ -148,19 +170,28 @@ def _pretrain_one_scale(
         state = torch.load(existing[-1], map_location=device, weights_only=True)
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
         logger.info("pretrain %s: resuming after epoch %d from %s", name, trainer.state.epoch, existing[-1])
-    if progress:
+    if progress and rank == 0:
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False, desc=f"pretrain {name}").attach(trainer)
     trainer.run(loader, max_epochs=epochs)
-    writer.close()
-    import io
+    if rank == 0:
+        writer.close()
+        import io
 
-    buf = io.BytesIO()
-    torch.save(model.backbone.state_dict(), buf)
-    atomic_write_json(out_dir / "history.json", history)
-    atomic_write_bytes(final, buf.getvalue())  # last: its presence marks the scale as done
+        buf = io.BytesIO()
+        torch.save(net.backbone.state_dict(), buf)
+        atomic_write_json(out_dir / "history.json", history)
+        atomic_write_bytes(final, buf.getvalue())  # last: its presence marks the scale as done
+    if world > 1:
+        torch.distributed.barrier()  # the others wait for rank 0's files
     return final
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def pretrain_scales(

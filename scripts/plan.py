@@ -1,0 +1,94 @@
+"""Cohort planner: patches per slide and scale, feature-store size and the wall time of extraction.
+
+    python -m scripts.plan --manifest /data/cohort/manifest.csv [--patches_per_s 400] [--gpus 8] \
+        [--encoder_arch resnet50] [--cache_dir outputs/cache] [--csv plan.csv]
+
+It runs the (cached, cheap) prepare stage of configs/prepare.yaml - tissue detection on a thumbnail and
+the patch grid - with the given manifest, so the counts are the ones extraction will encode. Storage is
+float16 features [N, S, D] plus coordinates; wall time = patches / (patches_per_s x gpus), where
+``patches_per_s`` is the end-to-end multi-scale patch rate of one GPU (measure it on your hardware with
+``python -m scripts.benchmarks extract``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scripts.features.encoders import feature_dim
+
+logger = logging.getLogger(__name__)
+
+
+def plan_rows(records, tiles_dirs, num_scales: int, dim: int) -> list[dict]:
+    """One row per slide: patches (= per scale, co-centred) and feature-store bytes."""
+    rows = []
+    for rec, tdir in zip(records, tiles_dirs):
+        n = int(np.load(Path(tdir) / "coords.npy", mmap_mode="r").shape[0])
+        rows.append({"slide_id": rec.slide_id, "patches_per_scale": n, "patches_all_scales": n * num_scales,
+                     "store_bytes": n * num_scales * dim * 2 + n * 16 + 4096})
+    return rows
+
+
+def summarise(rows: list[dict], patches_per_s: float, gpus: int, extrapolate: int = 10_000) -> dict:
+    """Totals, the per-10,000-slide extrapolation and the estimated extraction wall time."""
+    n = sum(r["patches_per_scale"] for r in rows)
+    size = sum(r["store_bytes"] for r in rows)
+    seconds = n / (patches_per_s * gpus) if rows else 0.0
+    per_slide = size / max(len(rows), 1)
+    return {"slides": len(rows), "patches_per_scale": n, "store_gb": size / 1e9, "store_gb_per_10k_slides": per_slide * extrapolate / 1e9,
+            "hours": seconds / 3600, "gpus": gpus, "patches_per_s_per_gpu": patches_per_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scripts.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--cache_dir", default="outputs/cache", help="where tiles are cached (shared with the stages)")
+    ap.add_argument("--encoder_arch", default="resnet50", help="tiny | resnet18 | resnet50 (sets the feature size)")
+    ap.add_argument("--scales_mpp", default="[0.5, 1.0, 2.0]")
+    ap.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for slides without it")
+    ap.add_argument("--patches_per_s", type=float, default=400.0, help="multi-scale patches per second of one GPU")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--csv", default=None, help="write the per-slide table here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from monai.bundle import ConfigParser
+
+    import scripts.excepthook  # noqa: F401  (one-line errors)
+
+    parser = ConfigParser()
+    parser.read_config("configs/prepare.yaml")
+    manifest = Path(args.manifest).resolve()
+    overrides = {"manifest": str(manifest), "dataset_dir": str(manifest.parent), "cache_dir": args.cache_dir,
+                 "demo_if_missing": False, "progress": True, "scales_mpp": eval(args.scales_mpp, {}), "mpp": args.mpp}  # noqa: S307
+    for k, v in overrides.items():
+        parser[k] = v
+    prepared = parser.get_parsed_content("prepare")
+    scales = overrides["scales_mpp"]
+    rows = plan_rows(prepared["records"], prepared["tiles"], len(scales), feature_dim(args.encoder_arch))
+    s = summarise(rows, args.patches_per_s, args.gpus)
+    out = sys.stdout
+    out.write(f"{'slide_id':<32} {'patches/scale':>14} {'store MB':>10}\n")
+    for r in rows:
+        out.write(f"{r['slide_id']:<32} {r['patches_per_scale']:>14d} {r['store_bytes'] / 1e6:>10.1f}\n")
+    out.write(
+        f"total: {s['slides']} slides, {s['patches_per_scale']} patches per scale x {len(scales)} scales "
+        f"({args.encoder_arch}, D={feature_dim(args.encoder_arch)}), feature store {s['store_gb']:.2f} GB "
+        f"({s['store_gb_per_10k_slides']:.0f} GB per 10,000 such slides); extraction about {s['hours']:.2f} h on "
+        f"{args.gpus} GPU(s) at {args.patches_per_s:g} patches/s each\n"
+    )
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slide_id"])
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
