@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.data.manifest import SlideRecord
-from scripts.errors import BundleInputError
+from scripts.errors import BundleInputError, find_input_error
 from scripts.features.encoders import encoder_signature
 from scripts.features.store import FeatureEntry, is_complete
 
@@ -68,11 +68,18 @@ def extract_cohort(
     device: str | torch.device = "cpu",
     progress: bool = True,
     stats: dict | None = None,
+    on_error: str = "raise",
+    output_dir: str | Path | None = None,
 ) -> list[FeatureEntry]:
     """Encode every slide that has no store entry yet; return the entries of all slides, in order.
 
-    ``stats`` (optional dict) receives ``computed``: the slide ids encoded by this call.
+    ``stats`` (optional dict) receives ``computed``: the slide ids encoded by this call. With
+    ``on_error='skip'`` a slide failing with an input error (e.g. truncated) is left out and recorded in
+    ``<output_dir>/failures.csv``; the entries of the other slides are returned.
     """
+    from scripts.workflows.failures import check_policy
+
+    check_policy(on_error)
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(store_dir)
@@ -93,12 +100,12 @@ def extract_cohort(
         logger.info("extracting features of %d / %d slides%s", len(pending), len(records),
                     f" ({len(mine)} on rank {rank} of {world})" if world > 1 else "")
         run = lambda jobs: _extract(jobs, encoders, transform, scale_keys, batch_size, num_workers, device, progress)  # noqa: E731
-        computed += _claim_and_extract(mine, run)
+        computed += _claim_and_extract(mine, run, on_error, output_dir)
         if world > 1:  # then anything nobody holds (slides of a rank that died), waiting for live holders
-            computed += _claim_and_extract(pending, run)
+            computed += _claim_and_extract(pending, run, on_error, output_dir)
     if stats is not None:
         stats["computed"] = computed
-    return [FeatureEntry(t) for t in targets]
+    return [FeatureEntry(t) for t in targets if is_complete(t)]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -123,10 +130,14 @@ def balanced_shard(costs: Sequence[int], world: int, rank: int) -> list[int]:
     return [i for i in range(len(costs)) if owner[i] == rank]
 
 
-def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], poll_s: float = 1.0) -> list[str]:
+def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], on_error: str = "raise", output_dir=None,
+                       poll_s: float = 1.0) -> list[str]:
     """Encode the ``jobs`` this process can claim; wait for those other live processes hold; repeat until every
-    job's entry is complete. Returns the slide ids encoded here."""
+    job's entry is complete (or, with ``on_error='skip'``, failed). Returns the slide ids encoded here."""
+    from scripts.workflows.failures import record
+
     done: list[str] = []
+    failed: set[str] = set()
     todo = [j for j in jobs if not is_complete(j[2])]
     announced = False
     while todo:
@@ -140,10 +151,16 @@ def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], poll_s: flo
         try:
             if mine:
                 done += run(mine)
+        except Exception as exc:  # noqa: BLE001 - input errors of one slide may be skipped, the rest re-raised
+            bad = _failed_job(exc, mine) if on_error == "skip" else None
+            if bad is None:
+                raise
+            record("extract", bad[0].slide_id, find_input_error(exc), output_dir)
+            failed.add(str(bad[2]))
         finally:
             for j in mine:
                 release_claim(j[2])
-        todo = [j for j in todo if not is_complete(j[2])]
+        todo = [j for j in todo if not is_complete(j[2]) and str(j[2]) not in failed]
         if todo and not mine:
             if not announced:
                 holders = {str(claim_holder(j[2])) for j in todo}
@@ -151,6 +168,17 @@ def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], poll_s: flo
                 announced = True
             time.sleep(poll_s)
     return done
+
+
+def _failed_job(exc: BaseException, jobs: list):
+    """The job whose slide an input error in ``exc``'s chain names, or None."""
+    found = find_input_error(exc)
+    if found is None:
+        return None
+    for j in jobs:
+        if Path(found.path).resolve() == Path(j[0].path).resolve():
+            return j
+    return None
 
 
 def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> list[str]:

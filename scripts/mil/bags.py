@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scripts.errors import BundleInputError
 from scripts.features.store import FeatureEntry
 
 
@@ -60,6 +61,10 @@ class _SlideCache:
     def __init__(self, entries: Sequence[FeatureEntry]) -> None:
         self.entries = list(entries)
         self.features = [np.asarray(e.features(mmap=False)) for e in self.entries]
+        for e, f in zip(self.entries, self.features):
+            if not np.isfinite(f).all():
+                raise BundleInputError(e.path, "feature entry holds NaN/Inf values",
+                                       "delete this entry and extract again (check the encoder weights)")
         self.clusters = []
         for e in self.entries:
             c = e.clusters()

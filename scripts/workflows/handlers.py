@@ -53,3 +53,24 @@ class ValidationSummary:
             f"AUC {auc:.4f}, accuracy {best.get('val_acc', float('nan')):.4f} (summary: {self.output_file})"
         )
         logger.info("Validation AUC: %.4f  (%s)", auc, msg)
+
+
+class NonFiniteLossGuard:
+    """Stop training with a clear error when the loss becomes NaN or Inf (ignite's ``TerminateOnNan`` stops
+    silently, which would keep a checkpoint from before the problem without telling anyone)."""
+
+    def __init__(self, output_transform=lambda out: out[0]["loss"] if isinstance(out, list) else out["loss"]) -> None:
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = float(self.output_transform(engine.state.output))
+        if not math.isfinite(loss):
+            from scripts.errors import BundleInputError
+
+            raise BundleInputError(
+                f"training epoch {engine.state.epoch}, iteration {engine.state.iteration}", f"loss is {loss}",
+                "lower learning_rate, check the feature store for NaN/Inf (re-extract), or standardise inputs",
+            )

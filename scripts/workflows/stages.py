@@ -61,11 +61,21 @@ def cohort_records(
 
 
 def prepare_cohort(
-    records: Sequence[SlideRecord], cache_dir: str | Path, tiling: TilingParams, progress: bool = True
+    records: Sequence[SlideRecord], cache_dir: str | Path, tiling: TilingParams, progress: bool = True,
+    on_error: str = "raise", output_dir: str | Path | None = None,
 ) -> dict[str, list]:
-    """Tile every slide (cached). Returns ``{"records": [...], "tiles": [entry dirs]}``."""
-    tiles = [
-        prepare_slide(r.slide_id, r.path, cache_dir, tiling, mpp=r.mpp)
-        for r in tqdm(records, desc="prepare slides", disable=not progress)
-    ]
-    return {"records": list(records), "tiles": tiles}
+    """Tile every slide (cached). Returns ``{"records": [...], "tiles": [entry dirs]}`` of the slides that
+    could be tiled (with ``on_error='skip'`` the others go to ``failures.csv``, see
+    :mod:`scripts.workflows.failures`)."""
+    from scripts.workflows.failures import check_policy, guarded
+
+    check_policy(on_error)
+    kept, tiles = [], []
+    for r in tqdm(records, desc="prepare slides", disable=not progress):
+        t = guarded(on_error, "prepare", r.slide_id, output_dir, prepare_slide, r.slide_id, r.path, cache_dir, tiling, mpp=r.mpp)
+        if t is not None:
+            kept.append(r)
+            tiles.append(t)
+    if not kept:
+        raise BundleInputError(None, "no slide of the cohort could be prepared", "see failures.csv in the output folder")
+    return {"records": kept, "tiles": tiles}

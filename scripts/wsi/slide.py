@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: sane range of level-0 resolutions (µm per px); outside it the metadata is wrong or the file is no slide
 MPP_RANGE = (0.05, 20.0)
+#: plausible level-0 edge lengths in pixels (smaller is a thumbnail or label image, larger a broken header)
+SIZE_RANGE = (64, 1_000_000)
 BACKENDS = ("openslide", "cucim", "tifffile")
 WHITE = 255
 
@@ -95,6 +97,12 @@ class SlideReader:
                 f"cannot be opened as a whole-slide image with the {backend} backend ({type(err).__name__}: {err})",
                 "check that the file is a complete slide (re-copy it if the upload was truncated) or select another backend",
             ) from err
+        w, h = self.level_dims[0]
+        if not (SIZE_RANGE[0] <= min(w, h) and max(w, h) <= SIZE_RANGE[1]):
+            raise BundleInputError(
+                self.path, f"implausible slide size {w} x {h} px (expected edges within {SIZE_RANGE})",
+                "check that the file is the whole-slide image, not a thumbnail, label or macro image, and that it is not corrupt",
+            )
         self.mpp, self.mpp_source = self._resolve_mpp(mpp)
 
     # ------------------------------------------------------------------ metadata

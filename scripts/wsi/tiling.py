@@ -147,7 +147,7 @@ def prepare_slide(
             raise BundleInputError(
                 path,
                 f"no tissue found (0 patch centres with >= {params.min_tissue:.0%} tissue)",
-                "check the slide is not blank, or lower 'tiling#min_tissue' / 'tiling#tissue#min_saturation'",
+                "check the slide is not blank, or lower --min_tissue / --tissue_min_saturation",
             )
         meta = {
             **provenance,
