@@ -199,3 +199,32 @@ def test_planner_names_a_missing_manifest(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "nope.csv" in r.stderr and "error" in r.stderr.lower()
+
+
+def test_extraction_killed_mid_run_resumes_to_identical_features(reference, tmp_path):
+    data, ref = reference
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(_extract_cmd(data, cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        store = cache / "features"
+        if store.is_dir():
+            for d in store.iterdir():  # at any moment, a final-named entry is complete
+                if d.is_dir() and not d.name.startswith(".tmp-"):
+                    assert (d / "meta.json").is_file() and (d / "features.npy").is_file()
+                    np.load(d / "features.npy")
+            if len(_features(cache)) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    before = set(_features(cache))
+    assert 2 <= len(before) < 6, "extraction ended before it could be killed"
+    r = subprocess.run(_extract_cmd(data, cache), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(ENCODED.findall(r.stdout + r.stderr)) == 6 - len(before)  # only the unfinished slides
+    got = _features(cache)
+    assert got.keys() == ref.keys()
+    for name, f in ref.items():
+        np.testing.assert_array_equal(got[name], f)
+    assert _leftovers(cache) == []

@@ -86,3 +86,65 @@ def test_extraction_skips_a_slide_that_fails_while_reading(tiny_demo, tmp_path, 
     from scripts.errors import find_input_error
 
     assert find_input_error(err.value).path == bad
+
+
+def _train_cmd(data, out, epochs):
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
+            "--dataset_dir", str(data), "--output_dir", str(out / "run"), "--cache_dir", str(out.parent / "cache"),
+            "--ckpt_dir", str(out / "models"), "--demo_num_patients", str(TINY_DEMO.num_patients),
+            "--demo_slide_size", str(TINY_DEMO.size), "--val_fraction", "0.5", "--bags_per_slide", "48",
+            "--max_epochs", str(epochs), "--progress", "False"]
+
+
+def _load_all(out):
+    """Every final-named artefact must be complete at any moment: checkpoints load, JSON parses."""
+    import json
+
+    import torch
+
+    for p in list(out.rglob("*.pt")):
+        if not p.name.startswith(".tmp"):
+            torch.load(p, map_location="cpu", weights_only=True)
+    for p in list(out.rglob("*.json")):
+        if not p.name.startswith(".tmp"):
+            json.loads(p.read_text())
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_to_the_same_result(tmp_path):
+    import json
+    import signal
+    import time
+
+    import torch
+
+    data = tmp_path / "demo"
+    epochs = 8
+    r = subprocess.run(_train_cmd(data, tmp_path / "a", epochs), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "a" / "run" / "resume").exists()  # removed when training ends
+    b = tmp_path / "b"
+    proc = subprocess.Popen(_train_cmd(data, b, epochs), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume, killed_after = b / "run" / "resume" / "resume.pt", None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if resume.is_file():
+            _load_all(b)
+            epoch = torch.load(resume, map_location="cpu", weights_only=True)["epoch"]
+            if epoch >= 3:
+                proc.send_signal(signal.SIGKILL)
+                killed_after = epoch
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_after is not None and killed_after < epochs, "training ended before it could be killed"
+    _load_all(b)
+    r = subprocess.run(_train_cmd(data, b, epochs), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming training after epoch" in r.stdout + r.stderr
+    sa = json.loads((tmp_path / "a" / "run" / "training_summary.json").read_text())
+    sb = json.loads((b / "run" / "training_summary.json").read_text())
+    assert sa["history"] == sb["history"] and sa["best"] == sb["best"] and sb["epochs"] == epochs
+    ma = torch.load(tmp_path / "a" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    mb = torch.load(b / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

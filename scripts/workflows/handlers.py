@@ -32,6 +32,12 @@ class ValidationSummary:
         self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._record, engine)
         engine.add_event_handler(Events.COMPLETED, self._finish)
 
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(h) for h in state.get("history", [])]
+
     def _record(self, _evaluator: Engine, trainer: Engine) -> None:
         metrics = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
         self.history.append({"epoch": int(trainer.state.epoch), **metrics})

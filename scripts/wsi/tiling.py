@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from scripts.cache import atomic_dir, file_fingerprint, remove_stale_temporaries, stable_hash
+from scripts.cache import atomic_dir, file_fingerprint, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.errors import BundleInputError
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tissue import TissueParams, tissue_mask
@@ -136,6 +137,19 @@ def prepare_slide(
     if (entry / "meta.json").is_file():
         return entry
     remove_stale_temporaries(root)
+    while not try_claim(entry):  # another process tiles this slide: wait for its entry
+        if (entry / "meta.json").is_file():
+            return entry
+        time.sleep(0.2)
+    try:
+        if (entry / "meta.json").is_file():
+            return entry
+        return _tile(slide_id, path, entry, params, mpp, provenance)
+    finally:
+        release_claim(entry)
+
+
+def _tile(slide_id: str, path: Path, entry: Path, params: "TilingParams", mpp: float | None, provenance: dict) -> Path:
     with SlideReader(path, backend=params.backend, mpp=mpp) as slide:
         plans = [slide.plan(s, params.patch_size) for s in params.scales_mpp]
         thumb = slide.thumbnail(params.tissue.thumbnail_mpp)
