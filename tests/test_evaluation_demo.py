@@ -21,7 +21,7 @@ def test_csmil_beats_single_scale_baselines_on_the_demo(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", "configs/evaluate.yaml",
            "--dataset_dir", str(tmp_path / "demo40"), "--demo_num_patients", "40", "--demo_slide_size", "2048",
            "--output_dir", str(out), "--progress", "False", "--eval_num_splits", "5", "--eval_bootstrap_resamples", "500",
-           "--eval_models", str(["csmil", *SINGLE_SCALE])]
+           "--eval_workers", "2", "--eval_models", str(["csmil", *SINGLE_SCALE])]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("report.json", "report.md", "roc.png", "pr.png", "calibration.png"):

@@ -82,6 +82,14 @@ def _quiet(enabled: bool) -> Iterator[None]:
             lg.removeFilter(flt)
 
 
+def _worker_init(threads: int, verbose: bool) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if not verbose:
+        _quiet(True).__enter__()  # for the worker's lifetime
+
+
 def _entry_key(e: FeatureEntry) -> list:
     return [e.path.name, e.cluster_params()]
 
@@ -132,9 +140,13 @@ def run_protocol(
     bundle_root: str | Path, train_ids: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
     output_dir: str | Path, num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_entries: Sequence[FeatureEntry] = (), is_test: Sequence[bool] | None = None, test_bags: int = 100,
-    device: Any = "cpu", progress: bool = True, verbose: bool = False,
+    device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
 ) -> dict:
     """Run every variant on every split. Returns ``{"mode", "splits", "slides", "runs": {variant: [per split]}}``.
+
+    ``workers > 1`` trains that many runs at once in spawned processes sharing the CPU threads (the MIL
+    networks are small, so parallel runs use cores better than threads inside one run); results do not
+    depend on it beyond floating-point summation order.
 
     The test set is ``test_entries`` (a test manifest) plus the ``entries`` flagged in ``is_test`` (manifest rows
     with ``split == test``); without one, the splits are a cross-validation (see
@@ -154,14 +166,31 @@ def run_protocol(
     logger.info("evaluation: %d variants x %d splits (%s), %d slides", len(variants), len(splits), mode, len(ids))
     out_dir = Path(output_dir) / "runs"
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
-    jobs = [(v, i, s) for i, s in enumerate(splits) for v in variants]
-    with _quiet(not verbose):
-        for v, i, s in tqdm(jobs, desc="evaluate (variant x split)", disable=not progress):
+    jobs = []
+    for i, s in enumerate(splits):
+        for v in variants:
             parts = {name: [by_id[x] for x in s[name]] for name in ("train", "val", "test")}
             key = stable_hash([v.model, dict(v.overrides), {n: [_entry_key(e) for e in p] for n, p in parts.items()},
                                {k: str(val) for k, val in train_ids.items() if k not in ("output_dir", "progress")},
                                test_bags, seed], 10)
-            runs[v.name].append(run_one(bundle_root, train_ids, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
+            jobs.append((bundle_root, train_ids, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
+    results: dict[Path, dict] = {}
+    with _quiet(not verbose):
+        if workers > 1:
+            import multiprocessing
+            import os
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads, verbose)) as pool:
+                futures = {pool.submit(run_one, *job): job[4] for job in jobs}
+                for f in tqdm(as_completed(futures), total=len(jobs), desc="evaluate (variant x split)", disable=not progress):
+                    results[futures[f]] = f.result()
+        else:
+            for job in tqdm(jobs, desc="evaluate (variant x split)", disable=not progress):
+                results[job[4]] = run_one(*job)
+    runs: dict[str, list[dict]] = {v.name: [results[j[4]] for j in jobs if j[2] is v] for v in variants}
     return {
         "mode": mode,
         "splits": splits,

@@ -29,7 +29,7 @@ def evaluate(
     test_entries: Sequence[FeatureEntry] = (), num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_bags: int = 100, bootstrap_resamples: int = 2000, bootstrap_by_patient: bool = True,
     ablation_id: str | None = None, ablation_values: Sequence[Any] = (), ablation_models: Sequence[str] = ("csmil",),
-    device: Any = "cpu", progress: bool = True, verbose: bool = False,
+    device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
 ) -> dict[str, Path]:
     """Train and score every model variant on every split, then write ``<output_dir>/report.{json,md}`` and figures."""
     t0 = time.perf_counter()
@@ -38,9 +38,9 @@ def evaluate(
         raise ValueError(f"reference model {reference!r} is not among the evaluated models {[v.name for v in variants]}")
     result = run_protocol(
         bundle_root, train_ids, entries, variants, Path(output_dir) / "evaluation", num_splits, val_fraction, seed, test_entries,
-        manifest_test_flags(entries, manifest), test_bags, device, progress, verbose,
+        manifest_test_flags(entries, manifest), test_bags, device, progress, verbose, workers,
     )
-    protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction,
+    protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction, "workers": workers,
                 "train_overrides": {k: str(v) for k, v in train_ids.items() if k not in ("tiling", "demo", "stage_overrides")}}
     report = build_report(result, reference, bootstrap_resamples, seed, bootstrap_by_patient, protocol)
     report["protocol"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
