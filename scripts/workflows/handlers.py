@@ -80,3 +80,48 @@ class NonFiniteLossGuard:
                 f"training epoch {engine.state.epoch}, iteration {engine.state.iteration}", f"loss is {loss}",
                 "lower learning_rate, check the feature store for NaN/Inf (re-extract), or standardise inputs",
             )
+
+
+class MLflowArtifacts:
+    """Log files and folders as artefacts of the MLflow run that MONAI's ``--tracking mlflow`` opened.
+
+    MONAI's tracking logs parameters and metrics; its only artefact is the executed config, and that one is
+    lost when ``output_dir`` is given on the command line (the path expression it builds is not evaluated).
+    This handler finds the ``MLFlowHandler`` MONAI attached to the same engine and, when training completes,
+    logs ``paths`` (the training summary, the best checkpoint, the executed config, TensorBoard logs) into
+    its run. Without tracking it does nothing.
+    """
+
+    def __init__(self, paths: list[str], config_dir: str | None = None) -> None:
+        self.paths = [str(p) for p in paths]
+        self.config_dir = config_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _mlflow_handler(self, engine: Engine):
+        from monai.handlers import MLFlowHandler
+
+        for handler, _, _ in engine._event_handlers.get(Events.COMPLETED, []):  # MONAI appends its handler last
+            owner = getattr(handler, "__self__", None)
+            if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
+                return owner
+        return None
+
+    def __call__(self, engine: Engine) -> None:
+        mlf = self._mlflow_handler(engine)
+        if mlf is None:
+            return
+        run_id = mlf.cur_run.info.run_id
+        paths = list(self.paths)
+        if self.config_dir:  # the executed config MONAI saved (config_<time>.json)
+            paths += sorted(str(p) for p in Path(self.config_dir).glob("config_*.json"))[-1:]
+        logged = 0
+        for p in map(Path, paths):
+            if p.is_file():
+                mlf.client.log_artifact(run_id, str(p))
+                logged += 1
+            elif p.is_dir():
+                mlf.client.log_artifacts(run_id, str(p), artifact_path=p.name)
+                logged += 1
+        logger.info("MLflow: %d artefacts logged to run %s", logged, run_id)
