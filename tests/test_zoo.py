@@ -79,3 +79,23 @@ def test_missing_train_property_is_reported(tmp_path, monkeypatch, tiny_demo):
     except KeyError as err:  # MONAI raises for a missing required property
         missing = [str(err)]
     assert any("train_inferer" in m or "train#inferer" in m for m in missing), missing
+
+
+def test_inference_config_has_the_zoo_infer_properties(tmp_path, monkeypatch, tiny_demo):
+    monkeypatch.chdir(ROOT)
+    w = ConfigWorkflow(config_file=str(ROOT / "configs" / "inference.yaml"), workflow_type="infer",
+                       meta_file=str(ROOT / "configs" / "metadata.json"), logging_file=str(ROOT / "configs" / "logging.conf"),
+                       dataset_dir=str(tiny_demo.parent), output_dir=str(tmp_path / "out"), progress=False)
+    w.initialize()
+    assert w.check_properties() == []
+    text = (ROOT / "configs" / "inference.yaml").read_text()
+    broken = tmp_path / "inference_broken.yaml"
+    broken.write_text(text.replace("evaluator:\n  _target_: SupervisedEvaluator", "evaluator_renamed:\n  _target_: SupervisedEvaluator"))
+    w = ConfigWorkflow(config_file=str(broken), workflow_type="infer", meta_file=str(ROOT / "configs" / "metadata.json"),
+                       logging_file=str(ROOT / "configs" / "logging.conf"), dataset_dir=str(tiny_demo.parent),
+                       output_dir=str(tmp_path / "out"), progress=False)
+    with pytest.raises(KeyError, match="evaluator"):  # MONAI refuses a workflow without a required property
+        w.initialize()
+        missing = w.check_properties() or []
+        if "evaluator" in missing:
+            raise KeyError("evaluator")

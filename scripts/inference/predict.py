@@ -127,73 +127,56 @@ def _masks_dir(input_path, dataset_dir) -> Path | None:
     return (p if p.is_dir() else p.parent) / "masks"
 
 
-def run_inference(
-    entries: Sequence[FeatureEntry],
-    network: torch.nn.Module,
-    output_dir: str | Path,
-    scales_mpp: Sequence[float],
-    num_clusters: int,
-    per_cluster: int,
-    num_bags: int = 100,
-    replacement: bool = False,
-    threshold: float = 0.5,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    input_path: str | None = None,
-    dataset_dir: str | None = None,
-    lesion_mask_mpp: float = 8.0,
-    heatmap_mpp: float = 8.0,
-    overlay_mpp: float = 4.0,
-    progress: bool = True,
-) -> list[dict]:
-    """Predict every slide and write ``predictions.csv`` plus per-slide maps into ``output_dir``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    masks = _masks_dir(input_path, dataset_dir)
+def write_slide_outputs(
+    entry: FeatureEntry, pred: SlidePrediction, out: Path, scales_mpp: Sequence[float], threshold: float = 0.5,
+    masks: Path | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0,
+) -> dict:
+    """Per-scale PNG overlays, scale composite, QuPath GeoJSON, pyramidal TIFF heatmaps and ``prediction.json``
+    of one slide in ``out/<slide_id>/``; returns its ``predictions.csv`` row."""
     names = [scale_name(m) for m in scales_mpp]
-    rows = []
-    for entry in tqdm(entries, desc="inference", unit="slide", disable=not progress):
-        pred = predict_entry(network, entry, num_clusters, per_cluster, num_bags, replacement, seed, device)
-        tiles_meta = json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())
-        slide_mpp = float(tiles_meta["mpp"])
-        coords = entry.coords().astype(np.float64)
-        norm = export.normalise_per_scale(pred.attention)
-        footprint = 256 * min(scales_mpp) / slide_mpp  # the 20x patch square, level-0 px
-        sdir = out / entry.slide_id
-        sdir.mkdir(exist_ok=True)
-        with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp) as slide:
-            thumb = slide.thumbnail(overlay_mpp)
-        thumb_scale = slide.size[1] / thumb.shape[1]
-        heats = [export.rasterise(coords, norm[:, s], footprint, thumb.shape[:2], thumb_scale) for s in range(len(names))]
-        for name, heat in zip(names, heats):
-            export.save_png(sdir / f"attention_{name}.png", export.overlay(thumb, heat))
-        export.save_png(sdir / "attention_scales.png", export.scale_composite(thumb, heats))
-        measurements = {f"attention {n}": norm[:, s] for s, n in enumerate(names)}
-        measurements.update({f"scale weight {n}": pred.scale_weights[:, s] for s, n in enumerate(names)})
-        export.write_geojson(sdir / "attention.geojson", coords, footprint, measurements)
-        h, w = tiles_meta["level_dims"][0]
-        heat_scale = heatmap_mpp / slide_mpp
-        hshape = (max(1, int(np.ceil(h / heat_scale))), max(1, int(np.ceil(w / heat_scale))))
-        for s, name in enumerate(names):
-            heat = export.rasterise(coords, norm[:, s], footprint, hshape, heat_scale)
-            export.write_heatmap_tiff(sdir / f"attention_{name}.tif", heat, heatmap_mpp)
-        row = {
-            "slide_id": entry.slide_id,
-            "probability": round(pred.probability, 6),
-            "label": int(pred.probability >= threshold),
-            "true_label": int(entry.meta.get("label", -1)),
-            "num_patches": entry.num_patches,
-            "predict_seconds": round(pred.seconds, 3),
-        }
-        mask_file = masks / f"{entry.slide_id}.png" if masks else None
-        if mask_file is not None and mask_file.is_file():
-            aurocs = localisation_auroc(coords, pred.attention, np.asarray(Image.open(mask_file)), lesion_mask_mpp, slide_mpp)
-            row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
-        atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
-        rows.append(row)
+    tiles_meta = json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())
+    slide_mpp = float(tiles_meta["mpp"])
+    coords = entry.coords().astype(np.float64)
+    norm = export.normalise_per_scale(pred.attention)
+    footprint = 256 * min(scales_mpp) / slide_mpp  # the 20x patch square, level-0 px
+    sdir = out / entry.slide_id
+    sdir.mkdir(parents=True, exist_ok=True)
+    with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp) as slide:
+        thumb = slide.thumbnail(overlay_mpp)
+    thumb_scale = slide.size[1] / thumb.shape[1]
+    heats = [export.rasterise(coords, norm[:, s], footprint, thumb.shape[:2], thumb_scale) for s in range(len(names))]
+    for name, heat in zip(names, heats):
+        export.save_png(sdir / f"attention_{name}.png", export.overlay(thumb, heat))
+    export.save_png(sdir / "attention_scales.png", export.scale_composite(thumb, heats))
+    measurements = {f"attention {n}": norm[:, s] for s, n in enumerate(names)}
+    measurements.update({f"scale weight {n}": pred.scale_weights[:, s] for s, n in enumerate(names)})
+    export.write_geojson(sdir / "attention.geojson", coords, footprint, measurements)
+    h, w = tiles_meta["level_dims"][0]
+    heat_scale = heatmap_mpp / slide_mpp
+    hshape = (max(1, int(np.ceil(h / heat_scale))), max(1, int(np.ceil(w / heat_scale))))
+    for s, name in enumerate(names):
+        heat = export.rasterise(coords, norm[:, s], footprint, hshape, heat_scale)
+        export.write_heatmap_tiff(sdir / f"attention_{name}.tif", heat, heatmap_mpp)
+    row = {
+        "slide_id": entry.slide_id,
+        "probability": round(pred.probability, 6),
+        "label": int(pred.probability >= threshold),
+        "true_label": int(entry.meta.get("label", -1)),
+        "num_patches": entry.num_patches,
+        "predict_seconds": round(pred.seconds, 3),
+    }
+    mask_file = masks / f"{entry.slide_id}.png" if masks else None
+    if mask_file is not None and mask_file.is_file():
+        aurocs = localisation_auroc(coords, pred.attention, np.asarray(Image.open(mask_file)), lesion_mask_mpp, slide_mpp)
+        row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
+    atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
+    return row
+
+
+def write_cohort_outputs(rows: list[dict], out: Path, scales_mpp: Sequence[float]) -> None:
+    """``predictions.csv`` and, when lesion masks were found, ``localisation.json``."""
     _write_csv(out / "predictions.csv", rows)
-    _log_localisation(rows, names, out)
-    return rows
+    _log_localisation(rows, [scale_name(m) for m in scales_mpp], out)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

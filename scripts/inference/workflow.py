@@ -1,0 +1,66 @@
+"""Inference as a MONAI evaluator workflow (the Model Zoo's InferProperties: ``dataset``, ``inferer``,
+``evaluator``): one iteration per slide; the inferer predicts the slide (mean probability over R random bags)
+and the attention of every patch; :class:`SlideOutputWriter` writes the maps and, at the end, the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+
+from scripts.features.store import FeatureEntry
+from scripts.inference.predict import SlidePrediction, _masks_dir, predict_entry, write_cohort_outputs, write_slide_outputs
+
+
+def entry_items(entries: Sequence[FeatureEntry]) -> list[dict]:
+    """Dataset items: ``{"entry": <store entry dir>, "label": <label or -1>}`` per slide."""
+    return [{"entry": str(e.path), "label": int(e.meta.get("label", -1))} for e in entries]
+
+
+class PrepareEntryBatch:
+    """``prepare_batch``: (list of :class:`FeatureEntry`, labels)."""
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
+        paths = batchdata["entry"]
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        return [FeatureEntry(Path(p)) for p in paths], torch.as_tensor(batchdata["label"])
+
+
+class SlideInferer(Inferer):
+    """Predict slides from their feature entries: returns one :class:`SlidePrediction` per entry."""
+
+    def __init__(self, num_clusters: int, per_cluster: int, num_bags: int = 100, replacement: bool = False, seed: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        self.num_clusters, self.per_cluster, self.num_bags = num_clusters, per_cluster, num_bags
+        self.replacement, self.seed, self.device = replacement, seed, device
+
+    def __call__(self, inputs: Sequence[FeatureEntry], network: torch.nn.Module, *args: Any, **kwargs: Any) -> list[SlidePrediction]:
+        return [predict_entry(network, e, self.num_clusters, self.per_cluster, self.num_bags, self.replacement, self.seed, self.device)
+                for e in inputs]
+
+
+class SlideOutputWriter:
+    """Evaluator handler: per slide, maps and ``prediction.json``; when the run completes, ``predictions.csv``
+    and ``localisation.json`` (rows also kept in ``self.rows``)."""
+
+    def __init__(self, output_dir: str | Path, scales_mpp: Sequence[float], threshold: float = 0.5, input_path: str | None = None,
+                 dataset_dir: str | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0) -> None:
+        self.out = Path(output_dir)
+        self.scales_mpp = list(scales_mpp)
+        self.kw = dict(threshold=threshold, masks=_masks_dir(input_path, dataset_dir), lesion_mask_mpp=lesion_mask_mpp,
+                       heatmap_mpp=heatmap_mpp, overlay_mpp=overlay_mpp)
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._slide)
+        engine.add_event_handler(Events.COMPLETED, lambda _: write_cohort_outputs(self.rows, self.out, self.scales_mpp))
+
+    def _slide(self, engine: Engine) -> None:
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) else out
+        for entry, pred in zip(out["image"], out["pred"]):
+            self.rows.append(write_slide_outputs(entry, pred, self.out, self.scales_mpp, **self.kw))
