@@ -99,3 +99,14 @@ def test_inference_config_has_the_zoo_infer_properties(tmp_path, monkeypatch, ti
         missing = w.check_properties() or []
         if "evaluator" in missing:
             raise KeyError("evaluator")
+
+
+def test_large_files_lists_the_uncommitted_weights():
+    import yaml
+
+    entries = yaml.safe_load((ROOT / "large_files.yml").read_text())["large_files"]
+    paths = {e["path"] for e in entries}
+    assert {"models/model.pt", "models/model.ts"} <= paths
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/models/*.pt" in ignored and "/models/*.ts" in ignored  # listed because not committed
+    assert all(set(e) == {"path", "url", "hash_val", "hash_type"} for e in entries)

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--splits", type=int, default=10)
     ap.add_argument("--models", default="all", help="comma-separated model names, or 'all' (configs/evaluate.yaml)")
     ap.add_argument("--max_epochs", type=int, default=None, help="override configs/train.yaml max_epochs")
+    ap.add_argument("--workers", type=int, default=1, help="evaluation worker processes (eval_workers)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from scripts.evaluation import workflow
@@ -49,13 +50,13 @@ def main(argv: list[str] | None = None) -> None:
         run_one(".", train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
         one = time.perf_counter() - t
         t = time.perf_counter()
-        workflow.evaluate(".", train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True)
+        workflow.evaluate(".", train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True, workers=args.workers)
         total = time.perf_counter() - t
     finally:
         shutil.rmtree(out, ignore_errors=True)
     n_runs = len(models) * args.splits
     rows = [
         {"what": "one training run (csmil, 1 split)", "runs": 1, "seconds": one},
-        {"what": f"protocol ({args.splits} splits x {len(models)} models + report)", "runs": n_runs, "seconds": total},
+        {"what": f"protocol ({args.splits} splits x {len(models)} models + report, {args.workers} worker(s))", "runs": n_runs, "seconds": total},
     ]
     report("evaluate", rows, {"protocol_vs_runs": total / (n_runs * one), "protocol_minutes": total / 60, "cpu_count": float(os.cpu_count() or 1)}, args.json)
