@@ -83,9 +83,11 @@ def test_missing_train_property_is_reported(tmp_path, monkeypatch, tiny_demo):
 
 def test_inference_config_has_the_zoo_infer_properties(tmp_path, monkeypatch, tiny_demo):
     monkeypatch.chdir(ROOT)
+    ckpt = tmp_path / "model.pt"
+    torch.save(CSMIL(in_features=128).state_dict(), ckpt)  # a fresh clone has no trained model
     w = ConfigWorkflow(config_file=str(ROOT / "configs" / "inference.yaml"), workflow_type="infer",
                        meta_file=str(ROOT / "configs" / "metadata.json"), logging_file=str(ROOT / "configs" / "logging.conf"),
-                       dataset_dir=str(tiny_demo.parent), output_dir=str(tmp_path / "out"), progress=False)
+                       dataset_dir=str(tiny_demo.parent), output_dir=str(tmp_path / "out"), progress=False, ckpt_path=str(ckpt))
     w.initialize()
     assert w.check_properties() == []
     text = (ROOT / "configs" / "inference.yaml").read_text()
@@ -93,7 +95,7 @@ def test_inference_config_has_the_zoo_infer_properties(tmp_path, monkeypatch, ti
     broken.write_text(text.replace("evaluator:\n  _target_: SupervisedEvaluator", "evaluator_renamed:\n  _target_: SupervisedEvaluator"))
     w = ConfigWorkflow(config_file=str(broken), workflow_type="infer", meta_file=str(ROOT / "configs" / "metadata.json"),
                        logging_file=str(ROOT / "configs" / "logging.conf"), dataset_dir=str(tiny_demo.parent),
-                       output_dir=str(tmp_path / "out"), progress=False)
+                       output_dir=str(tmp_path / "out"), progress=False, ckpt_path=str(ckpt))
     with pytest.raises(KeyError, match="evaluator"):  # MONAI refuses a workflow without a required property
         w.initialize()
         missing = w.check_properties() or []
