@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from scripts.evaluation import workflow
-    from scripts.evaluation.protocol import Variant, run_one
+    from scripts.evaluation.protocol import Variant, _quiet, run_one
     from scripts.workflows.splits import protocol_splits
 
     parser = ConfigParser()
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         split = protocol_splits(ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], args.splits)[0]
         by_id = {e.slide_id: e for e in entries}
         t = time.perf_counter()
-        run_one(".", train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
+        with _quiet(True):
+            run_one(".", train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
         one = time.perf_counter() - t
         t = time.perf_counter()
         workflow.evaluate(".", train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True, workers=args.workers)
