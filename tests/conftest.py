@@ -26,6 +26,15 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def free_port() -> int:
+    """A free TCP port on localhost (torchrun rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         msg = f"{path} is missing (set CSMIL_TEST_DATA / CSMIL_META_SCHEMA to the shared test data)"

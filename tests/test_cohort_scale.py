@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_DEMO
+from conftest import ROOT, TINY_DEMO, free_port
 from scripts.features.extraction import balanced_shard
 
 ENCODED = re.compile(r"encoded (\S+) \(")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(data: Path, cache: Path) -> list[str]:
@@ -36,7 +30,7 @@ def _extract_cmd(data: Path, cache: Path, torchrun: bool = False, log_dir: Path 
     if not torchrun:
         return [sys.executable, "-m", "monai.bundle", "run", "extract", "--config_file", "configs/extract.yaml", *_args(data, cache)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), "--log_dir", str(log_dir), "--redirects", "3"]
+                "--master_port", str(free_port()), "--log_dir", str(log_dir), "--redirects", "3"]
     return [*launcher, "-m", "monai.bundle", "run", "extract", "--config_file",
             "['configs/extract.yaml','configs/multi_gpu_extract.yaml']", *_args(data, cache)]
 
@@ -150,7 +144,7 @@ def test_ddp_simsiam_pretraining_two_ranks(reference, tmp_path):
     data, _ = reference
     cache, logs = tmp_path / "cache", tmp_path / "logs"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), "--log_dir", str(logs), "--redirects", "3"]
+                "--master_port", str(free_port()), "--log_dir", str(logs), "--redirects", "3"]
     cmd = [*launcher, "-m", "monai.bundle", "run", "pretrain", "--config_file", "['configs/pretrain.yaml','configs/multi_gpu_pretrain.yaml']",
            *_args(data, cache), "--pretrain_epochs", "2", "--pretrain_scales_mpp", "[2.0]", "--pretrain_max_patches_per_slide", "8",
            "--pretrain_batch_size", "8"]

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DEMO
+from conftest import ROOT, TINY_DEMO, free_port
 from scripts.mil.networks import CSMIL
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_training_with_two_cpu_processes(tmp_path):
@@ -31,7 +25,7 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     r = subprocess.run([*torchrun, "-m", "monai.bundle", "run", "training", "--config_file",
                         "['configs/train.yaml','configs/multi_gpu_train.yaml']", *common, "--ckpt_dir", str(models),
                         "--max_epochs", "2", "--val_fraction", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)

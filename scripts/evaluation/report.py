@@ -80,6 +80,7 @@ def build_report(
             m = metrics.binary_metrics(y, p, metrics.youden_threshold(*_yp(result, r["val"])))
             m["best_epoch"] = (r.get("best") or {}).get("epoch")
             per_split.append(m)
+        spread = {k: _nan_stats([s["at_0.5"][k] if k == "balanced_accuracy" else s[k] for s in per_split]) for k in SUMMARY_KEYS}
         ids, p, thr = combine(result, name)
         y = np.asarray([result["slides"][i]["label"] for i in ids])
         groups = [result["slides"][i]["patient_id"] for i in ids] if by_patient else None
@@ -91,10 +92,8 @@ def build_report(
         prec, rec, _ = precision_recall_curve(y, p) if len(set(y)) > 1 else ([], [], [])
         models[name] = {
             "per_split": per_split,
-            "mean": {k: _nan_stats([s[k] for s in per_split])[0] for k in SUMMARY_KEYS if k != "balanced_accuracy"}
-            | {"balanced_accuracy": _nan_stats([s["at_0.5"]["balanced_accuracy"] for s in per_split])[0]},
-            "sd": {k: _nan_stats([s[k] for s in per_split])[1] for k in SUMMARY_KEYS if k != "balanced_accuracy"}
-            | {"balanced_accuracy": _nan_stats([s["at_0.5"]["balanced_accuracy"] for s in per_split])[1]},
+            "mean": {k: v[0] for k, v in spread.items()},
+            "sd": {k: v[1] for k, v in spread.items()},
             "combined": pooled,
             "ci95": ci,
             "calibration": metrics.calibration(y, p),

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.data.manifest import SlideRecord
+from scripts.distributed import rank_world
 from scripts.errors import BundleInputError, find_input_error
 from scripts.features.encoders import encoder_signature
 from scripts.features.store import FeatureEntry, is_complete
@@ -92,7 +93,7 @@ def extract_cohort(
         targets.append(store_dir / name)
         if not is_complete(store_dir / name):
             pending.append((rec, Path(tdir), store_dir / name, prov))
-    rank, world = _rank_world()
+    rank, world = rank_world()
     progress = progress and rank == 0
     computed: list[str] = []
     if pending:
@@ -107,11 +108,6 @@ def extract_cohort(
         stats["computed"] = computed
     return [FeatureEntry(t) for t in targets if is_complete(t)]
 
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _num_patches(tiles_dir: Path) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 
 from scripts.cache import atomic_write_bytes, atomic_write_json, stable_hash
 from scripts.data.manifest import SlideRecord
+from scripts.distributed import rank_world
 from scripts.features.encoders import build_backbone, feature_dim
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def _pretrain_one_scale(
     final = out_dir / "encoder.pt"
     if final.is_file():
         return final
-    rank, world = _rank_world()
+    rank, world = rank_world()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = SimSiam(arch).to(device)
@@ -187,11 +188,6 @@ def _pretrain_one_scale(
         torch.distributed.barrier()  # the others wait for rank 0's files
     return final
 
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def pretrain_scales(
