@@ -142,3 +142,21 @@ def test_markdown_tables_follow_the_paper_layout():
     assert "deepattnmisl_20x" in t1 and "| csmil |" in t1 and "csmil_shared_tanh" not in t1
     assert "## Table 3" in md and "| csmil_shared_tanh |" in md.split("## Table 3")[1]
     assert "## Table 4" not in md
+
+
+def test_external_test_set_is_scored_by_the_ensemble_of_split_models(tmp_path, monkeypatch):
+    entries = cross_scale_cohort(tmp_path / "store", num_patients=12)
+    dev, test = entries[:8], entries[8:]
+    monkeypatch.chdir(ROOT)
+    files = workflow.evaluate(ROOT, {"max_epochs": 2}, dev, tmp_path / "out", models=["csmil", "deepattnmisl_20x"], test_entries=test,
+                              num_splits=2, seed=0, test_bags=3, bootstrap_resamples=50, progress=False)
+    rep = json.loads(files["json"].read_text())
+    assert rep["protocol"]["mode"] == "external_test"
+    assert all(s["test"] == [e.slide_id for e in test] for s in rep["splits"])
+    runs = sorted((tmp_path / "out" / "evaluation" / "runs" / "csmil").iterdir())
+    per_split = [json.loads((r / "predictions.json").read_text())["test"] for r in runs]
+    ens = rep["models"]["csmil"]["predictions"]
+    assert set(ens) == {e.slide_id for e in test}
+    for sid, p in ens.items():  # combined = mean probability of the split models
+        assert p == pytest.approx(np.mean([ps[sid] for ps in per_split]))
+    assert "ensemble of the split models" in (tmp_path / "out" / "report" / "report.md").read_text()
