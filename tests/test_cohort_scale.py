@@ -43,6 +43,13 @@ def _features(cache: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _assert_same_features(cache: Path, ref: dict[str, np.ndarray]) -> None:
+    got = _features(cache)
+    assert got.keys() == ref.keys()
+    for name, f in ref.items():
+        np.testing.assert_array_equal(got[name], f)
+
+
 def _rank_logs(log_dir: Path) -> list[str]:
     return [p.read_text() for p in sorted(log_dir.rglob("std*.log"))]
 
@@ -85,10 +92,7 @@ def test_torchrun_sharded_extraction_equals_one_process(reference, tmp_path):
     assert len(per_rank) == 2 and all(per_rank)  # both ranks worked
     encoded = [s for rank in per_rank for s in rank]
     assert sorted(encoded) == sorted(set(encoded)) and len(encoded) == 6  # each slide once
-    got = _features(cache)
-    assert got.keys() == ref.keys()  # same provenance hashes
-    for name, f in ref.items():
-        np.testing.assert_array_equal(got[name], f)
+    _assert_same_features(cache, ref)  # same provenance hashes, same bits
     assert _leftovers(cache) == []
 
 
@@ -114,10 +118,7 @@ def test_killed_rank_then_rerun_finishes_only_the_remainder(reference, tmp_path)
     assert r.returncode == 0, [t[-2000:] for t in _rank_logs(logs2)]
     encoded = [s for t in _rank_logs(logs2) for s in ENCODED.findall(t)]
     assert len(encoded) == 6 - len(before) and len(set(encoded)) == len(encoded)  # only the remainder
-    got = _features(cache)
-    assert got.keys() == ref.keys()
-    for name, f in ref.items():
-        np.testing.assert_array_equal(got[name], f)
+    _assert_same_features(cache, ref)
     assert _leftovers(cache) == []
 
 
@@ -133,10 +134,7 @@ def test_two_independent_processes_share_one_store(reference, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
     encoded = [s for o in outs for s in ENCODED.findall(o)]
     assert sorted(encoded) == sorted(set(encoded)) and len(encoded) == 6, encoded  # each slide computed once
-    got = _features(cache)
-    assert got.keys() == ref.keys()
-    for name, f in ref.items():
-        np.testing.assert_array_equal(got[name], f)
+    _assert_same_features(cache, ref)
     assert _leftovers(cache) == []
 
 
@@ -217,8 +215,5 @@ def test_extraction_killed_mid_run_resumes_to_identical_features(reference, tmp_
     r = subprocess.run(_extract_cmd(data, cache), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(ENCODED.findall(r.stdout + r.stderr)) == 6 - len(before)  # only the unfinished slides
-    got = _features(cache)
-    assert got.keys() == ref.keys()
-    for name, f in ref.items():
-        np.testing.assert_array_equal(got[name], f)
+    _assert_same_features(cache, ref)
     assert _leftovers(cache) == []

@@ -41,11 +41,11 @@ def _nan_stats(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def combine(result: dict, variant: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def combine(result: dict, variant: str, thresholds: list[float]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """One prediction per test slide: the ensemble mean over split models (external test set) or the
-    out-of-fold prediction (cross-validation). Returns (slide ids, probabilities, per-slide thresholds)."""
+    out-of-fold prediction (cross-validation), given each split's validation threshold. Returns (slide ids,
+    probabilities, per-slide thresholds)."""
     runs = result["runs"][variant]
-    thresholds = [metrics.youden_threshold(*_yp(result, r["val"])) for r in runs]
     if result["mode"] == "external_test":
         ids = list(runs[0]["test"])
         p = np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
@@ -75,13 +75,14 @@ def build_report(
     combined: dict[str, tuple] = {}
     for name, runs in result["runs"].items():
         per_split = []
-        for r in runs:
+        thresholds = [metrics.youden_threshold(*_yp(result, r["val"])) for r in runs]  # validation-chosen, per split
+        for r, t in zip(runs, thresholds):
             y, p = _yp(result, r["test"])
-            m = metrics.binary_metrics(y, p, metrics.youden_threshold(*_yp(result, r["val"])))
+            m = metrics.binary_metrics(y, p, t)
             m["best_epoch"] = (r.get("best") or {}).get("epoch")
             per_split.append(m)
         spread = {k: _nan_stats([s["at_0.5"][k] if k == "balanced_accuracy" else s[k] for s in per_split]) for k in SUMMARY_KEYS}
-        ids, p, thr = combine(result, name)
+        ids, p, thr = combine(result, name, thresholds)
         y = np.asarray([result["slides"][i]["label"] for i in ids])
         groups = [result["slides"][i]["patient_id"] for i in ids] if by_patient else None
         combined[name] = (ids, y, p, groups)
