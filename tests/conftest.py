@@ -92,3 +92,20 @@ TINY_DEMO = DemoParams(num_patients=4, size=1536, seed=1)
 def tiny_demo(tmp_path_factory) -> Path:
     """Manifest of a 4-patient demo cohort with small slides."""
     return generate_demo(tmp_path_factory.mktemp("demo"), TINY_DEMO, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A CS-MIL model trained for 2 epochs on the tiny demo cohort (tiny encoder, 128-d features):
+    ``<root>/models/model.pt``, the cohort in ``<root>/demo``, outputs in ``<root>/out``."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("trained")
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml", "--dataset_dir",
+         str(root / "demo"), "--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models"), "--demo_num_patients",
+         str(TINY_DEMO.num_patients), "--demo_slide_size", str(TINY_DEMO.size), "--max_epochs", "2", "--val_fraction", "0.5",
+         "--progress", "False"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root

@@ -12,7 +12,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_DEMO
+from conftest import ROOT
 from scripts.inference.predict import full_bag, localisation_auroc
 from scripts.maps.export import colormap, normalise_per_scale, rasterise, write_geojson
 
@@ -59,18 +59,6 @@ def test_geojson_is_a_qupath_feature_collection(tmp_path):
     assert gj["type"] == "FeatureCollection" and f["geometry"]["type"] == "Polygon"
     assert f["geometry"]["coordinates"][0][0] == [75.0, 175.0] and f["properties"]["objectType"] == "detection"
     assert f["properties"]["measurements"] == {"attention 20x": 0.5}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A CS-MIL model trained for 2 epochs on the tiny demo cohort (tiny encoder, 128-d features)."""
-    root = tmp_path_factory.mktemp("trained")
-    r = bundle("run", "training", "--config_file", "configs/train.yaml", "--dataset_dir", str(root / "demo"),
-               "--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models"), "--demo_num_patients",
-               str(TINY_DEMO.num_patients), "--demo_slide_size", str(TINY_DEMO.size), "--max_epochs", "2",
-               "--val_fraction", "0.5", "--progress", "False")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root
 
 
 @pytest.mark.slow

@@ -135,6 +135,7 @@ class CSMIL(nn.Module):
         a = torch.stack(scores, dim=-1)
         return torch.softmax(a, dim=-1) if self.scale_softmax else a
 
+    @torch.jit.export
     def forward_attention(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

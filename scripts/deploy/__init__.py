@@ -1,0 +1,2 @@
+"""MONAI Deploy: the model repository export (:mod:`.export`, no SDK needed) and the App SDK application
+(:mod:`.app`, :mod:`.operators`; needs ``pip install -r requirements-deploy.txt``)."""

@@ -1,0 +1,143 @@
+"""Export the model repository the MONAI Deploy application runs on (``models/deploy``).
+
+Layout (MONAI Deploy's "named model" repository: one folder per model, one file per folder)::
+
+    <deploy_dir>/csmil/model.ts          CS-MIL (TorchScript; ``forward`` and ``forward_attention``)
+                                         + extra files settings.json (pipeline settings) and metadata.json
+    <deploy_dir>/encoder_20x/model.ts    the patch encoder of each scale (TorchScript), finest first
+    <deploy_dir>/encoder_10x/model.ts
+    <deploy_dir>/encoder_5x/model.ts
+
+``settings.json`` holds everything the application needs besides the weights (scales, tiling, the patch
+preprocessing as a MONAI config section, clustering, bag sampling), so the app never reads the bundle's
+configs and the exported models cannot drift from the settings they were trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+
+from scripts import __version__
+from scripts.cache import atomic_dir
+from scripts.errors import BundleInputError
+from scripts.inference.predict import scale_name
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+METADATA_FILE = "metadata.json"
+CSMIL_DIR = "csmil"
+MODEL_FILE = "model.ts"
+
+
+def encoder_dirs(scales_mpp: Sequence[float]) -> list[str]:
+    """Folder name of each scale's encoder: ``encoder_20x``, ``encoder_10x``, ``encoder_5x``."""
+    return [f"encoder_{scale_name(m)}" for m in scales_mpp]
+
+
+def config_section(config_file: str | Path, section: str, values: Mapping[str, Any]) -> Any:
+    """The raw config ``section`` of ``config_file`` with every ``"@id"`` reference replaced by ``values[id]``.
+
+    Used to ship the patch preprocessing of configs/extract.yaml (a MONAI ``Compose`` declared in the config)
+    inside the model, so the Deploy app rebuilds exactly the same transforms with ``ConfigParser``.
+    """
+    config_file = Path(config_file)
+    raw = yaml.safe_load(config_file.read_text())
+    if section not in raw:
+        raise BundleInputError(config_file, f"config has no '{section}' section", "restore it from the bundle")
+
+    def sub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: sub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        if isinstance(node, str) and node.startswith("@"):
+            ref = node[1:]
+            if ref not in values:
+                raise BundleInputError(config_file, f"'{section}' refers to @{ref}, which the export was not given",
+                                       "add it to the values passed to config_section in configs/deploy.yaml")
+            return _plain(values[ref])
+        return node
+
+    return sub(raw[section])
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of config values (tuples -> lists, numpy/torch scalars -> Python)."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else list(o)))
+
+
+def export_model_repository(
+    deploy_dir: str | Path,
+    network: torch.nn.Module,
+    encoders: Sequence[torch.nn.Module],
+    settings: Mapping[str, Any],
+    meta_file: str | Path | None = None,
+) -> Path:
+    """Script CS-MIL and the per-scale encoders to TorchScript and write the repository atomically.
+
+    Returns ``deploy_dir``. Each exported model is reloaded and checked against the eager one on a random input.
+    """
+    deploy_dir = Path(deploy_dir)
+    settings = _plain(dict(settings))
+    scales = settings["scales_mpp"]
+    if len(encoders) != len(scales):
+        raise BundleInputError(None, f"{len(encoders)} encoders for {len(scales)} scales", "give one encoder per scale")
+    settings.update(bundle_version=__version__, encoder_dirs=encoder_dirs(scales), csmil_dir=CSMIL_DIR)
+    metadata = json.loads(Path(meta_file).read_text()) if meta_file else {}
+    network = network.cpu().eval()
+    with atomic_dir(deploy_dir) as tmp:
+        ts = torch.jit.script(network)
+        (tmp / CSMIL_DIR).mkdir()
+        extra = {SETTINGS_FILE: json.dumps(settings, indent=2, sort_keys=True), METADATA_FILE: json.dumps(metadata, indent=2)}
+        torch.jit.save(ts, str(tmp / CSMIL_DIR / MODEL_FILE), _extra_files=extra)
+        _check_network(network, tmp / CSMIL_DIR / MODEL_FILE, len(scales), settings["num_clusters"])
+        for name, enc in zip(settings["encoder_dirs"], encoders):
+            (tmp / name).mkdir()
+            enc = enc.cpu().eval()
+            torch.jit.save(torch.jit.script(enc), str(tmp / name / MODEL_FILE))
+            _check_encoder(enc, tmp / name / MODEL_FILE, int(settings["patch_size"]))
+        if deploy_dir.exists():  # replace an earlier export only once the new one is complete
+            _remove_repository(deploy_dir)
+    logger.info("exported the Deploy model repository to %s (%s + %s)", deploy_dir, CSMIL_DIR, ", ".join(settings["encoder_dirs"]))
+    return deploy_dir
+
+
+def _remove_repository(path: Path) -> None:
+    import shutil
+
+    if not (path / CSMIL_DIR / MODEL_FILE).is_file():
+        raise BundleInputError(path, "exists and is not a model repository this export wrote", "choose another --deploy_dir or remove it")
+    shutil.rmtree(path)
+
+
+@torch.inference_mode()
+def _check_network(net: torch.nn.Module, path: Path, num_scales: int, num_clusters: int) -> None:
+    ts = torch.jit.load(str(path))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, num_scales, num_clusters * 4, net.in_features, generator=g)
+    mask = torch.rand(2, num_clusters * 4, generator=g) > 0.25
+    torch.testing.assert_close(ts(x, mask), net(x, mask))
+    torch.testing.assert_close(ts.forward_attention(x, mask)[1]["patch"], net.forward_attention(x, mask)[1]["patch"])
+
+
+@torch.inference_mode()
+def _check_encoder(enc: torch.nn.Module, path: Path, patch_size: int) -> None:
+    ts = torch.jit.load(str(path))
+    x = torch.randn(2, 3, patch_size, patch_size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ts(x), enc(x), rtol=1e-4, atol=1e-4)
+
+
+def load_settings(model_file: str | Path) -> dict:
+    """``settings.json`` stored in an exported CS-MIL model file."""
+    extra = {SETTINGS_FILE: "", METADATA_FILE: ""}
+    torch.jit.load(str(model_file), map_location="cpu", _extra_files=extra)
+    if not extra[SETTINGS_FILE]:
+        raise BundleInputError(model_file, "model has no settings.json", "export it with configs/deploy.yaml (run export)")
+    return json.loads(extra[SETTINGS_FILE])

@@ -1,0 +1,128 @@
+"""MONAI Deploy App SDK operators of the CS-MIL application.
+
+slide loader -> multi-scale tiler and encoders -> CS-MIL (TorchScript) -> writer. Each operator is a thin
+shell around the same functions the bundle's stages use (tiling, feature store, clustering, bag
+prediction, map export), so the Deploy app and ``run inference`` give the same numbers for the same model.
+Slides travel between operators as lists (one message for the whole input), which keeps the graph a
+single pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from monai.bundle import ConfigParser
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from scripts.data.manifest import SlideRecord
+from scripts.deploy.runtime import DeployModels
+from scripts.features.clustering import cluster_cohort
+from scripts.features.extraction import extract_cohort
+from scripts.inference.inputs import input_records
+from scripts.inference.predict import write_cohort_outputs, write_slide_outputs
+from scripts.inference.workflow import SlideInferer
+from scripts.wsi.slide import SlideReader
+from scripts.wsi.tiling import prepare_slide
+
+logger = logging.getLogger(__name__)
+
+
+class SlideLoaderOperator(Operator):
+    """Input (a slide file, a folder of slides, a folder with ``manifest.csv`` or a manifest CSV) -> the
+    slides' records; every slide is opened once here so a bad file fails before any work."""
+
+    def __init__(self, fragment: Fragment, *args, input_path: str | Path, backend: str = "openslide",
+                 mpp: float | None = None, **kwargs) -> None:
+        self.input_path, self.backend, self.mpp = Path(input_path), backend, mpp
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.output("slides")
+
+    def compute(self, op_input, op_output, context) -> None:
+        op_output.emit(self.load(), "slides")
+
+    def load(self) -> list[SlideRecord]:
+        """Records of the input's slides, each checked to open with a known µm per px."""
+        records = input_records(self.input_path, self.mpp)
+        for r in records:
+            with SlideReader(r.path, backend=self.backend, mpp=r.mpp):
+                pass
+        logger.info("%d slide(s) from %s", len(records), self.input_path)
+        return records
+
+
+class MultiScaleEncoderOperator(Operator):
+    """Slides -> feature-store entries with clusters: tissue mask and co-centred patch grid, the patches of
+    every scale through that scale's TorchScript encoder, K-means phenotype clusters (cached in ``work_dir``)."""
+
+    def __init__(self, fragment: Fragment, *args, models: DeployModels, work_dir: str | Path,
+                 device: str | torch.device = "cpu", num_workers: int = 0, **kwargs) -> None:
+        self.models, self.work_dir, self.device, self.num_workers = models, Path(work_dir), device, num_workers
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("slides")
+        spec.output("entries")
+
+    def compute(self, op_input, op_output, context) -> None:
+        op_output.emit(self.encode(op_input.receive("slides")), "entries")
+
+    def encode(self, records: Sequence[SlideRecord]) -> list:
+        """Feature entries (``scripts.features.store.FeatureEntry``) of ``records``, in order."""
+        s = self.models.settings
+        tiles = [prepare_slide(r.slide_id, r.path, self.work_dir, self.models.tiling, r.mpp) for r in records]
+        transform = ConfigParser({"preprocessing": s["preprocessing"]}).get_parsed_content("preprocessing")
+        entries = extract_cohort(records, tiles, self.work_dir / "features", self.models.encoders, s["encoder_arch"], transform,
+                                 s["scale_keys"], preprocessing=s["preprocessing_signature"], batch_size=s["feature_batch_size"],
+                                 num_workers=self.num_workers, device=self.device, progress=False)
+        return cluster_cohort(entries, k=s["num_clusters"], scale_index=s["cluster_scale_index"], seed=s["seed"], progress=False)
+
+
+class CSMILInferenceOperator(Operator):
+    """Entries -> (entry, prediction) pairs: the TorchScript CS-MIL model's mean class-1 probability over
+    ``num_bags`` seeded random bags and the attention of every patch at every scale."""
+
+    def __init__(self, fragment: Fragment, *args, models: DeployModels, device: str | torch.device = "cpu", **kwargs) -> None:
+        self.models, self.device = models, device
+        s = models.settings
+        self.inferer = SlideInferer(s["num_clusters"], s["bag_per_cluster"], s["num_bags"], s["bag_replacement"], s["seed"], device)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("entries")
+        spec.output("predictions")
+
+    def compute(self, op_input, op_output, context) -> None:
+        op_output.emit(self.predict(op_input.receive("entries")), "predictions")
+
+    def predict(self, entries: Sequence) -> list[tuple]:
+        network = self.models.network.to(self.device)
+        return list(zip(entries, self.inferer(entries, network)))
+
+
+class AttentionMapWriterOperator(Operator):
+    """(entry, prediction) pairs -> ``<output>/predictions.csv`` and per slide ``prediction.json``, per-scale
+    attention PNG overlays, the scale composite, QuPath GeoJSON and pyramidal TIFF heatmaps."""
+
+    def __init__(self, fragment: Fragment, *args, models: DeployModels, output_dir: str | Path, **kwargs) -> None:
+        self.models, self.output_dir = models, Path(output_dir)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("predictions")
+
+    def compute(self, op_input, op_output, context) -> None:
+        self.write(op_input.receive("predictions"))
+
+    def write(self, predictions: Sequence[tuple]) -> list[dict]:
+        s = self.models.settings
+        rows = [write_slide_outputs(entry, pred, self.output_dir, s["scales_mpp"], threshold=s["threshold"], masks=None,
+                                    heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"]) for entry, pred in predictions]
+        write_cohort_outputs(rows, self.output_dir, s["scales_mpp"])
+        for r in rows:
+            logger.info("%s: probability %.4f -> label %d", r["slide_id"], r["probability"], r["label"])
+        return rows

@@ -1,0 +1,178 @@
+"""MONAI Deploy: the exported model repository and the App SDK application, end to end on the real SVS."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+from scripts.deploy.export import config_section, encoder_dirs, export_model_repository, load_settings
+from scripts.deploy.runtime import DeployModels
+from scripts.errors import BundleInputError
+from scripts.features.encoders import build_encoder
+from scripts.mil.networks import CSMIL
+
+SETTINGS = {"scales_mpp": [0.5, 1.0, 2.0], "patch_size": 64, "num_clusters": 4, "encoder_arch": "tiny",
+            "tiling": {"scales_mpp": [0.5, 1.0, 2.0], "patch_size": 64, "step_um": None, "min_tissue": 0.5, "max_patches": 0,
+                       "seed": 0, "backend": "openslide", "read_cell_um": 1024.0,
+                       "tissue": {"thumbnail_mpp": 8.0, "min_saturation": 0.05, "min_area_um2": 20000.0, "close_um": 32.0,
+                                  "max_value": 235}}}
+
+
+def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _export(tmp_path):
+    torch.manual_seed(0)
+    net = CSMIL(in_features=128, num_clusters=4).eval()
+    net.set_input_stats(torch.randn(128), torch.rand(128) + 0.5)
+    encoders = [build_encoder("tiny", seed=s) for s in range(3)]
+    repo = export_model_repository(tmp_path / "deploy", net, encoders, SETTINGS, ROOT / "configs" / "metadata.json")
+    return repo, net, encoders
+
+
+def test_export_writes_a_named_model_repository_the_sdk_accepts(tmp_path):
+    from monai.deploy.core.models import ModelFactory
+
+    repo, net, encoders = _export(tmp_path)
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["csmil", *encoder_dirs(SETTINGS["scales_mpp"])])
+    assert encoder_dirs([0.5, 1.0, 2.0]) == ["encoder_20x", "encoder_10x", "encoder_5x"]
+    model = ModelFactory.create(str(repo))  # the SDK's own loader, as AppContext uses it
+    assert model.model_type == "named-model"
+    assert sorted(k for k, _ in model.items()) == ["csmil", "encoder_10x", "encoder_20x", "encoder_5x"]
+    assert {m.model_type for _, m in model.items()} == {"torch_script"}
+    loaded = DeployModels(repo)
+    assert loaded.settings["bundle_version"] == json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
+    assert loaded.metadata["name"] == json.loads((ROOT / "configs" / "metadata.json").read_text())["name"]
+    assert loaded.tiling.patch_size == 64 and loaded.tiling.tissue.max_value == 235 and loaded.tiling.scales_mpp == (0.5, 1.0, 2.0)
+    x, mask = torch.randn(2, 3, 16, 128), torch.rand(2, 16) > 0.3
+    torch.testing.assert_close(loaded.network(x, mask), net(x, mask))
+    att_ts, att = loaded.network.forward_attention(x, mask)[1], net.forward_attention(x, mask)[1]
+    for key in ("scale", "patch", "cluster"):
+        torch.testing.assert_close(att_ts[key], att[key])
+    patches = torch.randn(2, 3, 64, 64)
+    for ts, enc in zip(loaded.encoders, encoders):
+        torch.testing.assert_close(ts(patches), enc(patches), rtol=1e-4, atol=1e-4)
+    assert load_settings(repo / "csmil" / "model.ts")["num_clusters"] == 4
+
+
+def test_export_replaces_its_own_repository_but_not_a_foreign_folder(tmp_path):
+    repo, _, _ = _export(tmp_path)
+    first = (repo / "csmil" / "model.ts").stat().st_mtime_ns
+    _export(tmp_path)  # re-export over the earlier one
+    assert (repo / "csmil" / "model.ts").stat().st_mtime_ns != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    foreign = tmp_path / "other"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleInputError, match="not a model repository"):
+        export_model_repository(foreign, CSMIL(in_features=128, num_clusters=4), [build_encoder("tiny")] * 3, SETTINGS)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_export_checks_one_encoder_per_scale(tmp_path):
+    with pytest.raises(BundleInputError, match="2 encoders for 3 scales"):
+        export_model_repository(tmp_path / "d", CSMIL(in_features=128, num_clusters=4), [build_encoder("tiny")] * 2, SETTINGS)
+    assert not (tmp_path / "d").exists()
+
+
+def test_config_section_fills_references_and_names_unknown_ones(tmp_path):
+    values = {"scale_keys": ["a", "b", "c"], "scales_mpp": (0.5, 1.0, 2.0), "patch_size": 224, "wsi_backend": "tifffile",
+              "read_cell_um": 512.0, "normalize_mean": [0.5] * 3, "normalize_std": [0.25] * 3}
+    section = config_section(ROOT / "configs" / "extract.yaml", "preprocessing", values)
+    assert section["transforms"][0]["scales_mpp"] == [0.5, 1.0, 2.0] and section["transforms"][0]["backend"] == "tifffile"
+    assert section["transforms"][1]["spatial_size"] == [224, 224]
+    assert "@" not in json.dumps(section)
+    from monai.bundle import ConfigParser
+
+    compose = ConfigParser({"p": section}).get_parsed_content("p")
+    assert [type(t).__name__ for t in compose.transforms][:2] == ["LoadMultiScaleRegiond", "Resized"]
+    with pytest.raises(BundleInputError, match="@patch_size"):
+        config_section(ROOT / "configs" / "extract.yaml", "preprocessing", {k: v for k, v in values.items() if k != "patch_size"})
+
+
+def test_missing_or_incomplete_repository_names_the_folder_and_the_export_command(tmp_path):
+    with pytest.raises(BundleInputError, match="no csmil/model.ts.*configs/deploy.yaml"):
+        DeployModels(tmp_path)
+    repo, _, _ = _export(tmp_path)
+    (repo / "encoder_10x" / "model.ts").unlink()
+    with pytest.raises(BundleInputError, match="encoder_10x/model.ts"):
+        DeployModels(repo)
+
+
+def test_packaging_files_are_in_step_with_the_bundle():
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    app = yaml.safe_load((ROOT / "deploy" / "app.yaml").read_text())
+    assert str(app["application"]["version"]) == meta["version"]
+    assert app["application"]["inputFormats"] == ["file"] and {"cpu", "gpu", "memory"} <= set(app["resources"])
+
+    def names(path):
+        out = set()
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-"):
+                out.add(re.split(r"[<>=!~\[ ]", line)[0].lower())
+        return out
+
+    runtime, container, sdk = names(ROOT / "requirements.txt"), names(ROOT / "deploy" / "requirements.txt"), names(ROOT / "requirements-deploy.txt")
+    assert runtime <= container, runtime - container
+    assert sdk <= container, sdk - container
+    assert (ROOT / "deploy" / "__main__.py").is_file()
+
+
+@pytest.mark.slow
+def test_deploy_app_on_the_real_svs_matches_bundle_inference(trained, cmu_svs, tmp_path):
+    models = trained / "models"
+    r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(models),
+            "--dataset_dir", str(trained / "demo"), "--output_dir", str(trained / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    repo = models / "deploy"
+    assert (repo / "csmil" / "model.ts").is_file() and len(list(repo.glob("encoder_*/model.ts"))) == 3
+    app_out = tmp_path / "app"
+    r = run("deploy", "-i", str(cmu_svs), "-o", str(app_out), "-m", str(repo), "-w", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref_out = tmp_path / "ref"
+    r = run("-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml", "--input", str(cmu_svs),
+            "--output_dir", str(ref_out), "--ckpt_dir", str(models), "--dataset_dir", str(trained / "demo"), "--progress", "False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    app_rows = list(csv.DictReader(open(app_out / "predictions.csv")))
+    ref_rows = list(csv.DictReader(open(ref_out / "predictions.csv")))
+    assert [r["slide_id"] for r in app_rows] == ["CMU-1-Small-Region"]
+    for key in ("probability", "label", "num_patches"):
+        assert app_rows[0][key] == ref_rows[0][key], key
+    pred = json.loads((app_out / "CMU-1-Small-Region" / "prediction.json").read_text())
+    assert pred["scales"] == ["20x", "10x", "5x"] and 0.0 <= pred["probability"] <= 1.0
+    for name in ("attention_20x.png", "attention_10x.png", "attention_5x.png", "attention_scales.png",
+                 "attention_20x.tif", "attention_10x.tif", "attention_5x.tif"):
+        assert (app_out / "CMU-1-Small-Region" / name).stat().st_size > 0, name
+    gj_app = json.loads((app_out / "CMU-1-Small-Region" / "attention.geojson").read_text())
+    gj_ref = json.loads((ref_out / "CMU-1-Small-Region" / "attention.geojson").read_text())
+    a = np.array([f["properties"]["measurements"]["attention 5x"] for f in gj_app["features"]])
+    b = np.array([f["properties"]["measurements"]["attention 5x"] for f in gj_ref["features"]])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert list((tmp_path / "work" / "features").glob("CMU-1-Small-Region-*/features.npy"))  # -w holds the cache
+
+
+@pytest.mark.slow
+def test_deploy_app_stops_on_a_truncated_slide_with_one_line_error(trained, cmu_svs, tmp_path):
+    broken = tmp_path / "in" / "broken.svs"
+    broken.parent.mkdir()
+    broken.write_bytes(cmu_svs.read_bytes()[:5000])
+    repo = trained / "models" / "deploy"
+    if not repo.is_dir():
+        r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(trained / "models"),
+                "--dataset_dir", str(trained / "demo"), "--output_dir", str(trained / "out"))
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = run("deploy", "-i", str(broken.parent), "-o", str(tmp_path / "out"), "-m", str(repo), timeout=300)
+    assert r.returncode == 1
+    assert f"error: {broken}: cannot be opened as a whole-slide image" in r.stderr
+    assert not (tmp_path / "out" / "predictions.csv").exists()
