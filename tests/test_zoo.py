@@ -109,6 +109,9 @@ def test_large_files_lists_the_uncommitted_weights():
     entries = yaml.safe_load((ROOT / "large_files.yml").read_text())["large_files"]
     paths = {e["path"] for e in entries}
     assert {"models/model.pt", "models/model.ts"} <= paths
+    from scripts.deploy.export import CSMIL_DIR, encoder_dirs
+
+    assert {f"models/deploy/{d}/model.ts" for d in [CSMIL_DIR, *encoder_dirs([0.5, 1.0, 2.0])]} <= paths
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "/models/*.pt" in ignored and "/models/*.ts" in ignored  # listed because not committed
     assert all(set(e) == {"path", "url", "hash_val", "hash_type"} for e in entries)
