@@ -106,21 +106,36 @@ def test_non_slide_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("fixture", ["pyramid_1_4_16", "cmu_svs"])
 def test_grouped_reader_returns_the_same_pixels(request, fixture, tmp_path):
-    """Cell-grouped reads give exactly the pixels of one read per patch, at every scale, edges included."""
+    """Grouped (chunk-cached) reads give exactly the pixels of one read per patch, at every scale, edges
+    included, also when the cache is too small to hold a cell's chunks."""
     path = request.getfixturevalue(fixture)
     params = TilingParams(scales_mpp=SCALES, patch_size=256, min_tissue=0.0, read_cell_um=300.0)
     coords = np.load(prepare_slide("s", path, tmp_path, params) / "coords.npy")
+    from scripts.wsi.slide import CHUNK_CACHE, READ_CACHE_MB
+
     with SlideReader(path) as direct, SlideReader(path, read_cell_um=300.0) as grouped:
         plans = [grouped.plan(m, 256) for m in SCALES]
         assert [direct.plan(m, 256) for m in SCALES] == plans
         for c in coords:
             for p in plans:
                 assert np.array_equal(grouped.read_region(tuple(c), p), direct.read_region(tuple(c), p))
-                assert np.array_equal(grouped.read_patch(tuple(c), p), direct.read_patch(tuple(c), p))
-        # one decoded block per level, plus one reduced block per resampled scale
+                patch = grouped.read_patch(tuple(c), p)
+                assert np.array_equal(patch, direct.read_patch(tuple(c), p))
+        # decoded chunks of every level read, plus reduced chunks of every resampled scale
         levels = {p.level for p in plans}
         reduced = {(p.level, p.region // p.out_size) for p in plans if p.resample}
-        assert set(grouped._cells) == {(lv, 1) for lv in levels} | reduced
+        assert {k[:2] for k in grouped.cached_chunks()} == {(lv, 1) for lv in levels} | reduced
+        with pytest.raises(ValueError):  # patches may be views of shared chunks: read-only
+            grouped.read_patch(tuple(coords[0]), plans[0])[0, 0, 0] = 1
+    assert not grouped.cached_chunks()  # closing a slide frees its chunks
+    try:  # a cache too small for one cell still gives the same pixels and stays within its budget
+        with SlideReader(path) as direct, SlideReader(path, read_cell_um=300.0, read_cache_mb=1) as tight:
+            for c in coords:
+                for p in plans:
+                    assert np.array_equal(tight.read_patch(tuple(c), p), direct.read_patch(tuple(c), p))
+                    assert CHUNK_CACHE.nbytes <= 2**20 or len(tight.cached_chunks()) == 1
+    finally:
+        CHUNK_CACHE.budget = READ_CACHE_MB * 2**20
 
 
 def test_centres_are_ordered_cell_by_cell(pyramid_1_2_4, tmp_path):
@@ -128,3 +143,38 @@ def test_centres_are_ordered_cell_by_cell(pyramid_1_2_4, tmp_path):
     coords = np.load(prepare_slide("s", pyramid_1_2_4, tmp_path, params) / "coords.npy")
     cells = [(int(y // 512), int(x // 512)) for x, y in coords]
     assert cells == sorted(cells)  # each cell's centres are consecutive, cells row-major
+
+
+@pytest.mark.parametrize("fixture", ["pyramid_1_4_16", "cmu_svs"])
+def test_fast_reader_matches_the_reference_approach(request, fixture, tmp_path):
+    """The grouped reader (levels chosen by mpp, chunk cache) against the reference approach of the public
+    CS-MIL code (three level-0 reads of 256/512/1024 px, area-resized): same pixels up to the resampling of
+    the pyramid's own lower levels (exact where every scale comes from level 0)."""
+    import openslide
+
+    from scripts.benchmarks.read import reference_patches
+
+    path = request.getfixturevalue(fixture)
+    params = TilingParams(scales_mpp=SCALES, patch_size=256, min_tissue=0.0)
+    coords = np.load(prepare_slide("s", path, tmp_path, params) / "coords.npy")
+    ref_slide = openslide.OpenSlide(str(path))
+    with SlideReader(path, read_cell_um=params.read_cell_um) as fast:
+        # centres whose largest region lies inside the slide (outside it the reference gets transparent
+        # black from OpenSlide, we pad white)
+        h0, w0 = fast.size
+        half = 256 * max(SCALES) / fast.mpp / 2 + 2
+        inside = (coords[:, 0] >= half) & (coords[:, 0] <= w0 - half) & (coords[:, 1] >= half) & (coords[:, 1] <= h0 - half)
+        coords = coords[inside]
+        assert len(coords) >= 4
+        plans = [fast.plan(m, 256) for m in SCALES]
+        for x, y in coords:
+            for p, want in zip(plans, reference_patches(ref_slide, x, y, fast.mpp)):
+                got = fast.read_patch((x, y), p)
+                diff = np.abs(got.astype(int) - want.astype(int))
+                # identical where both read level 0; where we read a lower pyramid level, they differ by that
+                # level's own area-downsampling and rounding when the file was written
+                if p.level == 0:
+                    assert diff.max() == 0, (p, x, y)
+                else:
+                    assert diff.max() <= 2 and diff.mean() < 0.5, (p, x, y, diff.max(), diff.mean())
+    ref_slide.close()

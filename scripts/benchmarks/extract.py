@@ -60,11 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"measure": f"encoder only, scale {SCALES[s]} µm/px", "patches_per_s": per_scale[-1]})
     encoder_only = 1.0 / sum(1.0 / p for p in per_scale)  # three encoders per patch position
     rows.append({"measure": "encoder only, all scales (patch positions/s)", "patches_per_s": encoder_only})
-    counter = [0]
-
-    def end_to_end():
-        counter[0] += 1
-        extract_cohort(records, tiles, work / f"store-{counter[0]}", encoders, args.arch, chain, KEYS, {"bench": 1},
+    def end_to_end():  # a new store each time: nothing cached from an earlier run in the same --workdir
+        extract_cohort(records, tiles, tempfile.mkdtemp(prefix="store-", dir=work), encoders, args.arch, chain, KEYS, {"bench": 1},
                        batch_size=args.batch_size, num_workers=args.num_workers, progress=False)
 
     t = timed(end_to_end)

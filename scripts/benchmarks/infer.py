@@ -1,4 +1,4 @@
-"""Slide inference cost for two slide sizes: wall time and peak resident memory of the whole
+"""Slide inference cost for two (or more) slide sizes: wall time and peak resident memory of the whole
 ``run inference`` command (tiling, features, clusters, prediction, maps) in a fresh process per slide.
 Memory must stay flat as slides grow (patches are streamed); time should grow with the patch count."""
 
@@ -19,19 +19,20 @@ from scripts.features.encoders import feature_dim
 from scripts.mil.networks import CSMIL
 
 ROOT = Path(__file__).resolve().parents[2]
-_LAUNCH = (
-    "import resource, runpy, sys\n"
+_LAUNCH = (  # VmHWM: peak RSS of this program only (ru_maxrss would include the parent's RSS at fork time)
+    "import runpy, sys\n"
     "sys.argv = ['monai.bundle'] + sys.argv[1:]\n"
     "try:\n    runpy.run_module('monai.bundle', run_name='__main__')\n"
     "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+    "print('PEAK_RSS_KB', hwm, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks infer", description=__doc__)
-    ap.add_argument("--sizes", default="2560,7680", help="level-0 edges (px) of the two generated slides")
+    ap.add_argument("--sizes", default="2560,7680,12800", help="level-0 edges (px) of the generated slides (ratios: largest vs smallest)")
     ap.add_argument("--arch", default="tiny")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         n = int(next(csv.DictReader(open(out / "predictions.csv")))["num_patches"])
         res[size] = (wall, peak, n)
         rows.append({"slide_px": f"{size}x{size}", "patches": n, "wall_s": wall, "s_per_1k_patches": 1000 * wall / n, "peak_rss_mb": peak})
-    (small, large) = sorted(res)
+    small, large = min(res), max(res)  # ratios: largest vs smallest slide
     report("infer", rows, {
         "peak_rss_large_vs_small": res[large][1] / res[small][1],
         "patches_large_vs_small": res[large][2] / res[small][2],

@@ -26,15 +26,23 @@ from scripts.wsi.tiling import TilingParams, prepare_slide
 SCALES = (0.5, 1.0, 2.0)
 
 
+def reference_patches(slide: openslide.OpenSlide, x: float, y: float, mpp: float) -> list[np.ndarray]:
+    """The public CS-MIL code's reading: per scale one level-0 read of 256 / 512 / 1024 px (256 x the scale's
+    integer multiple of the level-0 resolution) around the centre, area-resized to 256 (HxWx3 uint8, finest
+    scale first)."""
+    out = []
+    for target in SCALES:
+        factor = target / mpp
+        size = 256 * max(1, round(factor)) if abs(factor / max(round(factor), 1) - 1) <= 0.05 else int(round(256 * factor))
+        region = np.asarray(slide.read_region((int(x - size // 2), int(y - size // 2)), 0, (size, size)).convert("RGB"))
+        out.append(resize_area(region, 256) if size != 256 else region)
+    return out
+
+
 def reference(path: Path, coords: np.ndarray, mpp: float) -> None:
     slide = openslide.OpenSlide(str(path))
     for x, y in coords:
-        for target in SCALES:
-            size = int(round(256 * target / mpp))
-            region = slide.read_region((int(x - size // 2), int(y - size // 2)), 0, (size, size)).convert("RGB")
-            out = np.asarray(region)
-            if size != 256:
-                out = resize_area(out, 256)
+        reference_patches(slide, x, y, mpp)
     slide.close()
 
 

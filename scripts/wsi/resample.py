@@ -18,9 +18,20 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     if squeeze:
         img = img[..., None]
     acc = np.uint16 if factor <= 16 else np.uint32  # 255 * factor**2 must fit
-    rows = img.reshape(h, factor, w * factor, -1).sum(axis=1, dtype=acc)
-    summed = rows.reshape(h, w, factor, -1).sum(axis=2, dtype=acc)
-    out = ((summed + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+    # strided adds (rows, then columns): several times faster than reductions over reshaped axes
+    rows = img[0::factor].astype(acc)
+    for i in range(1, factor):
+        np.add(rows, img[i::factor], out=rows)
+    summed = rows[:, 0::factor].copy()
+    for j in range(1, factor):
+        np.add(summed, rows[:, j::factor], out=summed)
+    n = factor * factor
+    summed += n // 2
+    if n & (n - 1) == 0:
+        summed >>= n.bit_length() - 1
+    else:
+        summed //= n
+    out = summed.astype(np.uint8)
     return out[..., 0] if squeeze else out
 
 

@@ -8,10 +8,13 @@ scales share one level-0 centre (co-centred patches).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 from monai.data import WSIReader
 
 from scripts.errors import BundleInputError
+from scripts.wsi.memory import pin_mmap_threshold
 from scripts.wsi.resample import block_mean, resize_area
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,54 @@ MPP_RANGE = (0.05, 20.0)
 SIZE_RANGE = (64, 1_000_000)
 BACKENDS = ("openslide", "cucim", "tifffile")
 WHITE = 255
+#: grouped reading decodes each level in aligned square chunks of this many level pixels, each once
+CHUNK_PX = 512
+#: decoded and reduced chunks kept per process, over all open slides (MB): neighbouring cells reuse the
+#: chunks they share; a whole row of cells fits for slides up to about 13,000 px wide at the read level, so
+#: the next row reuses its shared chunks too (wider slides decode those chunk rows twice: <= 25% extra)
+READ_CACHE_MB = 128
+
+
+class ChunkCache:
+    """Process-wide LRU cache of slide chunks with a byte budget (one per process: DataLoader workers are
+    processes, each with its own cache)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple, item: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = item
+            self.nbytes += item.nbytes
+            while self.nbytes > self.budget and len(self._items) > 1:
+                self.nbytes -= self._items.popitem(last=False)[1].nbytes
+
+    def keys(self, owner: int) -> list[tuple]:
+        """Keys (without the owner) cached for one reader."""
+        with self._lock:
+            return [k[1:] for k in self._items if k[0] == owner]
+
+    def drop(self, owner: int) -> None:
+        """Forget one reader's chunks (when it closes)."""
+        with self._lock:
+            for k in [k for k in self._items if k[0] == owner]:
+                self.nbytes -= self._items.pop(k).nbytes
+
+
+CHUNK_CACHE = ChunkCache(READ_CACHE_MB * 2**20)
+_reader_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -59,10 +111,16 @@ class SlideReader:
         backend: MONAI WSIReader backend: ``openslide`` (default, CPU), ``cucim`` (GPU installs) or ``tifffile``.
         mpp: level-0 microns per pixel overriding the file's metadata (required when the file has none).
         snap_rtol: relative tolerance within which a level counts as having the target mpp (no resize).
-        read_cell_um: group reads: the slide is cut into square cells of this size (µm); the first patch of a
-            cell reads, per scale, one region covering every patch centred in the cell, and the cell's other
-            patches are cut from it (tiles are decoded once, not once per overlapping patch). Patches must
-            arrive cell by cell (the tiling orders them so). 0 reads every patch region on its own.
+        read_cell_um: > 0 turns on grouped reading (the value is the tiling's ordering cell, µm): each level
+            is decoded in aligned ``CHUNK_PX`` chunks kept in an LRU cache, and scales that need an integer
+            area reduction reduce each chunk once (cached as well), so every patch is a copy from at most
+            four cached chunks and every needed tile is decoded once while its chunk is cached. Patches
+            should arrive in the tiling's cell order so that the cache holds what neighbours share. 0 reads
+            every patch region on its own.
+        read_cache_mb: budget of the process-wide chunk cache (decoded and reduced chunks of all open slides).
+
+    In grouped mode, patches from :meth:`read_region` / :meth:`read_patch` may be read-only views into a
+    cached chunk (copy them to modify).
     """
 
     def __init__(
@@ -72,11 +130,13 @@ class SlideReader:
         mpp: float | None = None,
         snap_rtol: float = 0.05,
         read_cell_um: float = 0.0,
+        read_cache_mb: float = READ_CACHE_MB,
     ) -> None:
+        pin_mmap_threshold()  # resident memory stays flat over millions of patch buffers (see scripts.wsi.memory)
         self.path = Path(path)
         self.read_cell_um = float(read_cell_um or 0.0)
-        self._cells: dict[tuple[int, int], tuple[tuple[int, int], int, int, np.ndarray]] = {}
-        self._level_margin: dict[int, int] = {}  # largest region planned per level (grouped reads cover it)
+        self._id = next(_reader_ids)
+        CHUNK_CACHE.budget = int(read_cache_mb * 2**20)
         if backend not in BACKENDS:
             raise BundleInputError(self.path, f"unknown WSI backend '{backend}'", f"use one of {BACKENDS}")
         if not self.path.is_file():
@@ -164,7 +224,6 @@ class SlideReader:
         if abs(factor / max(round(factor), 1) - 1) <= self.snap_rtol:
             factor = max(round(factor), 1)  # e.g. 0.499 µm/px slides: exact 2x / 4x block averages, not 2.004x
         region = int(round(out_size * factor))
-        self._level_margin[level] = max(self._level_margin.get(level, 0), region)
         return ScalePlan(
             target_mpp=float(target_mpp),
             level=level,
@@ -219,59 +278,60 @@ class SlideReader:
         r = plan.region
         if self.read_cell_um <= 0:
             return self.read_level_box(plan.level, x0, y0, r, r)
-        bx0, by0, block = self._cell_block(centre_xy, plan.level, 1)
-        if x0 >= bx0 and y0 >= by0 and x0 + r <= bx0 + block.shape[1] and y0 + r <= by0 + block.shape[0]:
-            return block[y0 - by0 : y0 - by0 + r, x0 - bx0 : x0 - bx0 + r].copy()
-        return self.read_level_box(plan.level, x0, y0, r, r)
+        return self._assemble(plan.level, 1, x0, y0, r, r)
 
     def read_patch(self, centre_xy: tuple[float, float], plan: ScalePlan) -> np.ndarray:
         """Read and area-resize to the exact target scale: ``out_size`` x ``out_size`` x 3 uint8.
 
-        With grouped reading and an integer resampling factor ``f``, the cell's block is averaged by ``f``
-        once and every patch of the cell is cut from the reduced block (same pixels as reducing each patch
-        when the patch origin is a multiple of ``f``, which the tiling's alignment guarantees).
+        With grouped reading and an integer resampling factor ``f`` (dividing ``CHUNK_PX``), the patch is
+        cut from chunks reduced by ``f`` once each (same pixels as reducing the patch's own region when its
+        origin is a multiple of ``f``, which the tiling's alignment guarantees).
         """
         if not plan.resample:
             return self.read_region(centre_xy, plan)
         f = plan.region // plan.out_size
-        if self.read_cell_um > 0 and f * plan.out_size == plan.region:
+        if self.read_cell_um > 0 and f * plan.out_size == plan.region and CHUNK_PX % f == 0:
             x0, y0 = self.region_origin(centre_xy, plan)
             if x0 % f == 0 and y0 % f == 0:
-                bx0, by0, small = self._cell_block(centre_xy, plan.level, f)
-                sx, sy, n = (x0 - bx0) // f, (y0 - by0) // f, plan.out_size
-                if sx >= 0 and sy >= 0 and sx + n <= small.shape[1] and sy + n <= small.shape[0]:
-                    return small[sy : sy + n, sx : sx + n].copy()
+                n = plan.out_size
+                return self._assemble(plan.level, f, x0 // f, y0 // f, n, n)
         return resize_area(self.read_region(centre_xy, plan), plan.out_size)
 
-    def _cell_block(self, centre_xy: tuple[float, float], level: int, factor: int) -> tuple[int, int, np.ndarray]:
-        """(x0, y0 in level px, pixels) of the cell around ``centre_xy`` at ``level``, averaged by ``factor``.
+    def _assemble(self, level: int, factor: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """The box (x0, y0, w, h) of ``level`` reduced by ``factor`` (coordinates in reduced px), cut from
+        cached chunks: a view when it lies in one chunk, else a copy."""
+        c = CHUNK_PX // factor
+        cx0, cy0, cx1, cy1 = x0 // c, y0 // c, (x0 + w - 1) // c, (y0 + h - 1) // c
+        if cx0 == cx1 and cy0 == cy1:
+            chunk = self._chunk(level, factor, cx0, cy0)
+            return chunk[y0 - cy0 * c : y0 - cy0 * c + h, x0 - cx0 * c : x0 - cx0 * c + w]
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for cy in range(cy0, cy1 + 1):
+            for cx in range(cx0, cx1 + 1):
+                chunk = self._chunk(level, factor, cx, cy)
+                ix0, iy0 = max(x0, cx * c), max(y0, cy * c)
+                ix1, iy1 = min(x0 + w, (cx + 1) * c), min(y0 + h, (cy + 1) * c)
+                out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = chunk[iy0 - cy * c : iy1 - cy * c, ix0 - cx * c : ix1 - cx * c]
+        return out
 
-        One block per (level, factor) is kept; the level block covers the largest region planned at that
-        level, so all scales reading one level share one decode per cell.
-        """
-        cell_px = self.read_cell_um / self.mpp  # level-0 px
-        cell = (int(centre_xy[0] // cell_px), int(centre_xy[1] // cell_px))
-        key = (level, factor)
-        cached = self._cells.get(key)
-        if cached is not None and cached[0] == cell:
-            return cached[1], cached[2], cached[3]
+    def _chunk(self, level: int, factor: int, cx: int, cy: int) -> np.ndarray:
+        """Chunk (cx, cy) of ``level`` (``CHUNK_PX`` level px, white beyond the slide), reduced by ``factor``;
+        from the LRU cache or decoded / reduced once and cached."""
+        key = (self._id, level, factor, cx, cy)
+        chunk = CHUNK_CACHE.get(key)
+        if chunk is not None:
+            return chunk
         if factor == 1:
-            ds = self.downsamples[level]
-            half = self._level_margin.get(level, 0) / 2
-            bx0 = int(math.floor(cell[0] * cell_px / ds - half)) - 1
-            by0 = int(math.floor(cell[1] * cell_px / ds - half)) - 1
-            bx1 = int(math.ceil((cell[0] + 1) * cell_px / ds + half)) + 1
-            by1 = int(math.ceil((cell[1] + 1) * cell_px / ds + half)) + 1
-            block = self.read_level_box(level, bx0, by0, bx1 - bx0, by1 - by0)
+            chunk = self.read_level_box(level, cx * CHUNK_PX, cy * CHUNK_PX, CHUNK_PX, CHUNK_PX)
         else:
-            lx0, ly0, full = self._cell_block(centre_xy, level, 1)
-            ox, oy = (-lx0) % factor, (-ly0) % factor  # start the reduction on a multiple of factor
-            h = (full.shape[0] - oy) // factor * factor
-            w = (full.shape[1] - ox) // factor * factor
-            block = block_mean(full[oy : oy + h, ox : ox + w], factor)
-            bx0, by0 = (lx0 + ox) // factor * factor, (ly0 + oy) // factor * factor
-        self._cells[key] = (cell, bx0, by0, block)
-        return bx0, by0, block
+            chunk = block_mean(self._chunk(level, 1, cx, cy), factor)
+        chunk.flags.writeable = False  # patches may be views into it
+        CHUNK_CACHE.put(key, chunk)
+        return chunk
+
+    def cached_chunks(self) -> list[tuple[int, int, int, int]]:
+        """(level, factor, cx, cy) of this slide's chunks in the cache."""
+        return CHUNK_CACHE.keys(self._id)
 
     def thumbnail(self, target_mpp: float) -> np.ndarray:
         """Whole slide at ``target_mpp`` (or the coarsest level if that is finer), HxWx3 uint8.
@@ -295,6 +355,7 @@ class SlideReader:
         return thumb
 
     def close(self) -> None:
+        CHUNK_CACHE.drop(self._id)
         close = getattr(self.wsi, "close", None)
         if callable(close):
             close()

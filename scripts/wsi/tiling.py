@@ -36,8 +36,9 @@ class TilingParams:
         max_patches: keep at most this many centres per slide (seeded random subset; 0 = all).
         seed: seed of that subset.
         backend: WSI reader backend.
-        read_cell_um: centres are ordered cell by cell on a grid of this size (µm) so that the grouped
-            reader (:class:`scripts.wsi.slide.SlideReader`) decodes each cell's regions once.
+        read_cell_um: centres are ordered cell by cell on a grid of this size (µm), so that the grouped
+            reader's chunk cache (:class:`scripts.wsi.slide.SlideReader`) holds what neighbouring patches
+            share and every chunk is decoded once; also turns grouped reading on (0: patch by patch).
         tissue: tissue-detection parameters.
     """
 

@@ -26,7 +26,8 @@ class LoadMultiScaleRegiond(MapTransform):
         patch_size: output patch edge after resizing.
         backend: WSI backend.
         max_open: slide handles kept open per worker.
-        read_cell_um: grouped reading cell size (µm), see :class:`SlideReader`; 0 reads patch by patch.
+        read_cell_um: > 0 reads through the chunk cache (the tiling's cell size, µm), see :class:`SlideReader`;
+            0 reads patch by patch.
         resize: area-resample to ``patch_size`` here (see above).
     """
 
