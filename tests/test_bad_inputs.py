@@ -49,6 +49,14 @@ def _prepare(path, **kw):
     return prepare_slide("x", path, path.parent / "cache", TilingParams(**kw))
 
 
+def case_deploy_model_folder_not_exported(tmp):
+    from scripts.deploy.runtime import DeployModels
+
+    (tmp / "models").mkdir()
+    torch.save({}, tmp / "models" / "model.pt")  # e.g. the checkpoint folder instead of the exported one
+    DeployModels(tmp / "models")
+
+
 def case_manifest_missing(tmp):
     from scripts.data.manifest import read_manifest
 
@@ -229,6 +237,7 @@ CASES = {
     "encoder_weights_mismatch": (case_encoder_weights_mismatch, "missing"),
     "checkpoint_mismatch": (case_checkpoint_mismatch, "shape"),
     "checkpoint_missing": (case_checkpoint_missing, "not found"),
+    "deploy_model_folder_not_exported": (case_deploy_model_folder_not_exported, "no csmil/model.ts"),
 }
 
 
@@ -241,7 +250,7 @@ def test_bad_input_is_explained(name, tmp_path):
     assert e.path and e.path != "<input>" or name.startswith("too_few"), e
     assert words.lower() in e.reason.lower(), e
     assert len(e.fix) > 10, e
-    if name.startswith(("manifest_", "slide_", "scale_", "checkpoint_", "features_", "unknown_backend")):
+    if name.startswith(("manifest_", "slide_", "scale_", "checkpoint_", "features_", "unknown_backend", "deploy_")):
         assert str(tmp_path) in e.path or "training" in e.path, e  # the offending file (or row) is named
 
 
