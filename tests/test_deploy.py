@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -129,14 +130,20 @@ def test_packaging_files_are_in_step_with_the_bundle():
     assert (ROOT / "deploy" / "__main__.py").is_file()
 
 
-@pytest.mark.slow
-def test_deploy_app_on_the_real_svs_matches_bundle_inference(trained, cmu_svs, tmp_path):
-    models = trained / "models"
-    r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(models),
+@pytest.fixture(scope="module")
+def deploy_repo(trained):
+    """``run export`` of the trained demo model: ``<trained>/models/deploy``."""
+    r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(trained / "models"),
             "--dataset_dir", str(trained / "demo"), "--output_dir", str(trained / "out"))
     assert r.returncode == 0, r.stderr[-3000:]
-    repo = models / "deploy"
+    repo = trained / "models" / "deploy"
     assert (repo / "csmil" / "model.ts").is_file() and len(list(repo.glob("encoder_*/model.ts"))) == 3
+    return repo
+
+
+@pytest.mark.slow
+def test_deploy_app_on_the_real_svs_matches_bundle_inference(trained, deploy_repo, cmu_svs, tmp_path):
+    models, repo = trained / "models", deploy_repo
     app_out = tmp_path / "app"
     r = run("deploy", "-i", str(cmu_svs), "-o", str(app_out), "-m", str(repo), "-w", str(tmp_path / "work"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -163,16 +170,27 @@ def test_deploy_app_on_the_real_svs_matches_bundle_inference(trained, cmu_svs, t
 
 
 @pytest.mark.slow
-def test_deploy_app_stops_on_a_truncated_slide_with_one_line_error(trained, cmu_svs, tmp_path):
+def test_deploy_app_stops_on_a_truncated_slide_with_one_line_error(deploy_repo, cmu_svs, tmp_path):
     broken = tmp_path / "in" / "broken.svs"
     broken.parent.mkdir()
     broken.write_bytes(cmu_svs.read_bytes()[:5000])
-    repo = trained / "models" / "deploy"
-    if not repo.is_dir():
-        r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(trained / "models"),
-                "--dataset_dir", str(trained / "demo"), "--output_dir", str(trained / "out"))
-        assert r.returncode == 0, r.stderr[-3000:]
-    r = run("deploy", "-i", str(broken.parent), "-o", str(tmp_path / "out"), "-m", str(repo), timeout=300)
+    r = run("deploy", "-i", str(broken.parent), "-o", str(tmp_path / "out"), "-m", str(deploy_repo), timeout=300)
     assert r.returncode == 1
     assert f"error: {broken}: cannot be opened as a whole-slide image" in r.stderr
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.slow
+def test_deploy_app_takes_a_missing_mpp_from_the_environment(deploy_repo, tcga_svs, tmp_path):
+    """The real TCGA slide has no mpp: the app stops before any work, and runs with CSMIL_MPP."""
+    r = run("deploy", "-i", str(tcga_svs), "-o", str(tmp_path / "no_mpp"), "-m", str(deploy_repo), timeout=300)
+    assert r.returncode == 1 and f"error: {tcga_svs}: slide metadata has no microns-per-pixel" in r.stderr
+    assert not (tmp_path / "no_mpp" / "cache").exists()
+    env = {**os.environ, "CSMIL_MPP": "0.5", "CSMIL_DEVICE": "cpu"}
+    r = subprocess.run([sys.executable, "deploy", "-i", str(tcga_svs), "-o", str(tmp_path / "out"), "-m", str(deploy_repo)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert rows[0]["slide_id"] == "TCGA-CR-7395-01A-01-TS1" and int(rows[0]["num_patches"]) > 0
+    tiles_meta = json.loads(next((tmp_path / "out" / "cache" / "tiles").glob("*/meta.json")).read_text())
+    assert tiles_meta["mpp"] == 0.5 and tiles_meta["mpp_source"] == "override"
