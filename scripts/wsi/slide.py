@@ -117,7 +117,8 @@ class SlideReader:
             four cached chunks and every needed tile is decoded once while its chunk is cached. Patches
             should arrive in the tiling's cell order so that the cache holds what neighbours share. 0 reads
             every patch region on its own.
-        read_cache_mb: budget of the process-wide chunk cache (decoded and reduced chunks of all open slides).
+        read_cache_mb: budget of the process-wide chunk cache (decoded and reduced chunks of all open slides;
+            the most recently opened reader's value applies).
 
     In grouped mode, patches from :meth:`read_region` / :meth:`read_patch` may be read-only views into a
     cached chunk (copy them to modify).
