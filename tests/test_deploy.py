@@ -20,12 +20,10 @@ from scripts.deploy.runtime import DeployModels
 from scripts.errors import BundleInputError
 from scripts.features.encoders import build_encoder
 from scripts.mil.networks import CSMIL
+from scripts.wsi.tiling import TilingParams
 
 SETTINGS = {"scales_mpp": [0.5, 1.0, 2.0], "patch_size": 64, "num_clusters": 4, "encoder_arch": "tiny",
-            "tiling": {"scales_mpp": [0.5, 1.0, 2.0], "patch_size": 64, "step_um": None, "min_tissue": 0.5, "max_patches": 0,
-                       "seed": 0, "backend": "openslide", "read_cell_um": 1024.0,
-                       "tissue": {"thumbnail_mpp": 8.0, "min_saturation": 0.05, "min_area_um2": 20000.0, "close_um": 32.0,
-                                  "max_value": 235}}}
+            "tiling": TilingParams(scales_mpp=(0.5, 1.0, 2.0), patch_size=64).to_dict()}
 
 
 def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

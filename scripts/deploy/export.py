@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -110,8 +111,6 @@ def export_model_repository(
 
 
 def _remove_repository(path: Path) -> None:
-    import shutil
-
     if not (path / CSMIL_DIR / MODEL_FILE).is_file():
         raise BundleInputError(path, "exists and is not a model repository this export wrote", "choose another --deploy_dir or remove it")
     shutil.rmtree(path)
@@ -134,10 +133,21 @@ def _check_encoder(enc: torch.nn.Module, path: Path, patch_size: int) -> None:
     torch.testing.assert_close(ts(x), enc(x), rtol=1e-4, atol=1e-4)
 
 
+EXPORT_FIX = "export it with: python -m monai.bundle run export --config_file configs/deploy.yaml, and pass that folder with -m"
+
+
+def load_csmil(model_file: str | Path) -> tuple[torch.jit.ScriptModule, dict, dict]:
+    """An exported CS-MIL model (eval mode, CPU) with its ``settings.json`` and ``metadata.json``."""
+    extra = {SETTINGS_FILE: "", METADATA_FILE: ""}
+    try:
+        net = torch.jit.load(str(model_file), map_location="cpu", _extra_files=extra)
+    except RuntimeError as exc:
+        raise BundleInputError(model_file, f"not a TorchScript model ({str(exc).splitlines()[0][:120]})", EXPORT_FIX) from exc
+    if not extra[SETTINGS_FILE]:
+        raise BundleInputError(model_file, "the model carries no settings.json", EXPORT_FIX)
+    return net.eval(), json.loads(extra[SETTINGS_FILE]), json.loads(extra[METADATA_FILE] or "{}")
+
+
 def load_settings(model_file: str | Path) -> dict:
     """``settings.json`` stored in an exported CS-MIL model file."""
-    extra = {SETTINGS_FILE: "", METADATA_FILE: ""}
-    torch.jit.load(str(model_file), map_location="cpu", _extra_files=extra)
-    if not extra[SETTINGS_FILE]:
-        raise BundleInputError(model_file, "model has no settings.json", "export it with configs/deploy.yaml (run export)")
-    return json.loads(extra[SETTINGS_FILE])
+    return load_csmil(model_file)[1]

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from scripts.deploy.export import CSMIL_DIR, METADATA_FILE, MODEL_FILE, SETTINGS_FILE
+from scripts.deploy.export import CSMIL_DIR, EXPORT_FIX, MODEL_FILE, load_csmil
 from scripts.errors import BundleInputError
 from scripts.wsi.tiling import TilingParams
 from scripts.wsi.tissue import TissueParams
-
-EXPORT_FIX = "export it with: python -m monai.bundle run export --config_file configs/deploy.yaml, and pass that folder with -m"
 
 
 @dataclass
@@ -33,15 +30,7 @@ class DeployModels:
 
     @cached_property
     def _csmil(self) -> tuple[torch.jit.ScriptModule, dict, dict]:
-        extra = {SETTINGS_FILE: "", METADATA_FILE: ""}
-        path = self.root / CSMIL_DIR / MODEL_FILE
-        try:
-            net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except RuntimeError as exc:
-            raise BundleInputError(path, f"not a TorchScript model ({str(exc).splitlines()[0][:120]})", EXPORT_FIX) from exc
-        if not extra[SETTINGS_FILE]:
-            raise BundleInputError(path, "the model carries no settings.json", EXPORT_FIX)
-        return net.eval(), json.loads(extra[SETTINGS_FILE]), json.loads(extra[METADATA_FILE] or "{}")
+        return load_csmil(self.root / CSMIL_DIR / MODEL_FILE)
 
     @property
     def settings(self) -> dict:
