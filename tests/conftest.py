@@ -15,9 +15,9 @@ sys.path.insert(0, str(ROOT))
 from scripts.data.demo import DemoParams, generate_demo  # noqa: E402
 from scripts.wsi.pyramid import write_pyramid  # noqa: E402
 
-# Real slides shipped beside the repository (../shared/data); CSMIL_TEST_DATA overrides the folder.
-SHARED_DATA = Path(os.environ.get("CSMIL_TEST_DATA", ROOT.parent / "shared" / "data"))
-SCHEMA = Path(os.environ.get("CSMIL_META_SCHEMA", ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"))
+# Real slides and the bundle metadata schema, kept in tests/data (SOURCE.md there); CSMIL_TEST_DATA overrides the folder.
+TEST_DATA = Path(os.environ.get("CSMIL_TEST_DATA", ROOT / "tests" / "data"))
+SCHEMA = TEST_DATA / "meta_schema_20240725.json"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -37,23 +37,20 @@ def free_port() -> int:
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        msg = f"{path} is missing (set CSMIL_TEST_DATA / CSMIL_META_SCHEMA to the shared test data)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        pytest.fail(f"{path} is missing: tests/data is part of the repository (or set CSMIL_TEST_DATA to a copy)")
     return path
 
 
 @pytest.fixture(scope="session")
 def cmu_svs() -> Path:
     """Real Aperio SVS, 2220x2967, single level, mpp 0.499."""
-    return _require(SHARED_DATA / "CMU-1-Small-Region.svs")
+    return _require(TEST_DATA / "CMU-1-Small-Region.svs")
 
 
 @pytest.fixture(scope="session")
 def tcga_svs() -> Path:
     """Real Aperio slide with two levels and no mpp in its metadata."""
-    return _require(SHARED_DATA / "TCGA-CR-7395-01A-01-TS1.svs")
+    return _require(TEST_DATA / "TCGA-CR-7395-01A-01-TS1.svs")
 
 
 @pytest.fixture(scope="session")

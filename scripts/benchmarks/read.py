@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks read", description=__doc__)
     ap.add_argument("--size", type=int, default=8192, help="edge of the generated slides (level-0 px)")
     ap.add_argument("--positions", type=int, default=0, help="patch positions timed per slide (0 = the whole slide's grid)")
-    ap.add_argument("--real", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "CMU-1-Small-Region.svs"))
+    ap.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "tests" / "data" / "CMU-1-Small-Region.svs"))
     ap.add_argument("--cell-um", type=float, default=TilingParams.read_cell_um, help="grouped-reading cell size (µm)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
