@@ -119,7 +119,7 @@ def test_simsiam_loss_falls_and_does_not_collapse(cohort):
     model = SimSiam("tiny", dim=256, pred_dim=64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     losses, stds = [], []
-    for _ in range(8):
+    for _ in range(16):  # 8 steps sat at the threshold (loss -0.013 -> -0.059); 16 give ~ -0.2
         p1, p2, z1, z2 = model(x1, x2)
         loss = simsiam_loss(p1, p2, z1, z2)
         opt.zero_grad()
