@@ -9,13 +9,18 @@ Every slide holds tissue on a white background with nuclei everywhere and four s
 At 5x the lesion and ``R+S`` look alike; at 20x the lesion and ``T`` look alike. Only the combination of
 the 20x texture and the 5x ring at one location tells a positive slide (it holds >= 1 lesion) from a
 negative one (``T`` and ``R+S`` only). Lesion masks are written for scoring attention maps.
+
+The same principle makes harder *co-location cohorts* (cue size, contrast, texture period, ring shape, number
+of structures and lesions, pyramid levels are parameters; :data:`COLOCATION_COHORTS` names the ones the
+fusion ablation in docs/evaluation.md uses). Parameters left at their defaults keep the demo's slides and
+cache keys unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +58,12 @@ class DemoParams:
         compression: TIFF compression.
         seed: master seed.
         mask_mpp: resolution of the written lesion masks.
+        cue_contrast: opacity factor of the texture dots and the ring (1 = the demo; lower is harder).
+        texture_period_um: spacing of the fine texture's dots.
+        ring_shape: ``circle`` or ``square`` (a square frame of the same radius and width).
+        num_structures: structure slots per slide, laid out on a square grid (4 = 2x2).
+        lesions_per_positive: lesions (``R+T``) in a positive slide, cue counts balanced between the classes
+            (see :func:`_structure_kinds`); 0 = the demo's draw (one lesion, a second with probability 1/3).
     """
 
     num_patients: int = 20
@@ -66,11 +77,44 @@ class DemoParams:
     compression: str = "jpeg"
     seed: int = 0
     mask_mpp: float = 8.0
+    cue_contrast: float = 1.0
+    texture_period_um: float = 4.0
+    ring_shape: str = "circle"
+    num_structures: int = 4
+    lesions_per_positive: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ring_shape not in ("circle", "square"):
+            raise ValueError(f"ring_shape must be 'circle' or 'square', got {self.ring_shape!r}")
+        if self.num_structures < 2 or not 0 <= self.lesions_per_positive <= self.num_structures:
+            raise ValueError("need num_structures >= 2 and 0 <= lesions_per_positive <= num_structures")
 
     def to_dict(self) -> dict:
+        """Parameters as plain values; the co-location knobs only when changed, so the demo's stamp (and
+        hence every cache key derived from it) stays what it was before they existed."""
         d = asdict(self)
         d["downsamples"] = list(self.downsamples)
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
         return d
+
+
+#: fields added after the first demo release (left out of :meth:`DemoParams.to_dict` at their defaults)
+_LATER_FIELDS = ("cue_contrast", "texture_period_um", "ring_shape", "num_structures", "lesions_per_positive")
+
+#: co-location cohorts of the fusion ablation (docs/evaluation.md): the demo's label principle with other cue
+#: sizes, contrasts, shapes, lesion counts and pyramid levels
+COLOCATION_COHORTS: dict[str, dict] = {
+    # 2 lesions per positive slide; every slide shows both cues elsewhere, apart (balanced kinds)
+    "clean": {"size": 2048, "lesions_per_positive": 2, "cue_contrast": 1.4, "texture_radius_um": 80.0,
+              "ring_radius_um": 170.0, "ring_width_um": 80.0},
+    # fainter (contrast 1.2), larger and finer (5 µm period) texture, smaller ring
+    "small2": {"size": 2048, "lesions_per_positive": 2, "cue_contrast": 1.2, "texture_radius_um": 90.0, "texture_period_um": 5.0,
+               "ring_width_um": 100.0, "ring_radius_um": 150.0},
+    # wider ring, demo texture
+    "strong2": {"size": 2048, "lesions_per_positive": 2, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
+}
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float, coarse: int = 8) -> np.ndarray:
@@ -105,16 +149,37 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], period: int) -> n
     return ndimage.binary_dilation(cov > 0, structure=_disc(1.2)).astype(np.float32)
 
 
+def _structure_kinds(label: int, params: DemoParams, rng: np.random.Generator) -> list[str]:
+    """Kinds of the structure slots, shuffled.
+
+    The demo's draw (4 slots, ``lesions_per_positive`` 0) is kept bit for bit. Otherwise the cue counts are
+    balanced so that only co-location tells the classes apart: a negative slide holds ``T`` and ``R+S`` in equal
+    numbers; a positive one swaps ``L`` of each pair for a lesion ``R+T`` and a plain tint ``S`` (no ring, no
+    texture), so both classes show the same number of textured discs and of rings.
+    """
+    n = params.num_structures
+    if params.lesions_per_positive == 0 and n == 4:
+        kinds = ["R+T", "T", "R+S", str(rng.choice(["R+T", "T", "R+S"]))] if label else ["T", "R+S", "T", "R+S"]
+    else:
+        lesions = min((params.lesions_per_positive or 1) if label else 0, n // 2)
+        kinds = ["R+T", "S"] * lesions + [("T", "R+S")[i % 2] for i in range(n - 2 * lesions)]
+    rng.shuffle(kinds)
+    return kinds
+
+
 def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Render one slide: (level-0 RGB uint8, lesion mask at level 0 (bool), structure list)."""
     n = params.size
     px = 1.0 / params.mpp  # pixels per micron
     shape = (n, n)
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-    # tissue: a blobby ellipse covering most of the slide
+    # tissue: a blobby ellipse covering most of the slide (a rounder square when a 3x3 or larger grid of
+    # structures must fit inside it)
+    g = int(np.ceil(np.sqrt(params.num_structures)))
+    p = 2 if g <= 2 else 4
     cx, cy = n / 2 + rng.uniform(-0.03, 0.03) * n, n / 2 + rng.uniform(-0.03, 0.03) * n
     ax, ay = n * rng.uniform(0.44, 0.48), n * rng.uniform(0.44, 0.48)
-    field = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 + 0.15 * _smooth_noise(rng, shape, n / 10)
+    field = np.abs((xx - cx) / ax) ** p + np.abs((yy - cy) / ay) ** p + 0.15 * _smooth_noise(rng, shape, n / 10)
     tissue = field < 1.0
     img = np.broadcast_to(BACKGROUND, (n, n, 3)).copy()
     shade = _smooth_noise(rng, shape, 80 * px)[..., None]
@@ -122,30 +187,32 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
     nuclei = _dots(rng, shape, 1 / 900, 3.0 * px / 2) & tissue
     img[nuclei] = NUCLEUS + rng.normal(0, 6, (int(nuclei.sum()), 3)).astype(np.float32)
 
-    # four structure slots in a 2x2 layout; kinds depend on the label
-    kinds = ["R+T", "T", "R+S", str(rng.choice(["R+T", "T", "R+S"]))] if label else ["T", "R+S", "T", "R+S"]
-    rng.shuffle(kinds)
+    # structure slots on a g x g grid (2x2 in the demo); kinds depend on the label
+    kinds = _structure_kinds(label, params, rng)
+    margin = 0.5 / g + (0.03 if g <= 2 else 0.06)
     lesion = np.zeros(shape, bool)
     structures = []
     tex_r, ring_r, ring_w = params.texture_radius_um * px, params.ring_radius_um * px, params.ring_width_um * px
     half = int(np.ceil(ring_r + ring_w + 2))
     for slot, kind in enumerate(kinds):
-        sx = (0.28 + 0.44 * (slot % 2)) * n + rng.uniform(-0.03, 0.03) * n
-        sy = (0.28 + 0.44 * (slot // 2)) * n + rng.uniform(-0.03, 0.03) * n
+        sx = (margin + (1 - 2 * margin) * (slot % g) / (g - 1)) * n + rng.uniform(-0.03, 0.03) * n
+        sy = (margin + (1 - 2 * margin) * (slot // g) / (g - 1)) * n + rng.uniform(-0.03, 0.03) * n
         # work in a window around the structure only
         x0, y0 = max(int(sx) - half, 0), max(int(sy) - half, 0)
         x1, y1 = min(int(sx) + half + 1, n), min(int(sy) + half + 1, n)
         win = img[y0:y1, x0:x1]
-        r = np.hypot(xx[y0:y1, x0:x1] - sx, yy[y0:y1, x0:x1] - sy)
+        dx, dy = xx[y0:y1, x0:x1] - sx, yy[y0:y1, x0:x1] - sy
+        r = np.hypot(dx, dy)
         disc = np.clip(tex_r - r + 1, 0, 1)[..., None]  # anti-aliased disc
         if "T" in kind or "S" in kind:
-            cov = _texture(rng, r.shape, period=int(round(4 * px)))
+            cov = _texture(rng, r.shape, period=int(round(params.texture_period_um * px)))
             if "S" in kind:  # same mean colour at coarse scale, no fine structure
                 cov = ndimage.gaussian_filter(cov, 6 * px)
-            a = disc * cov[..., None] * 0.85
+            a = disc * cov[..., None] * min(0.85 * params.cue_contrast, 1.0)
             win[:] = win * (1 - a) + DOT * a
         if "R" in kind:
-            band = np.clip(1 - np.abs(r - ring_r - ring_w / 2) / (ring_w / 2), 0, 1)[..., None] * 0.7
+            rr = r if params.ring_shape == "circle" else np.maximum(np.abs(dx), np.abs(dy))
+            band = np.clip(1 - np.abs(rr - ring_r - ring_w / 2) / (ring_w / 2), 0, 1)[..., None] * min(0.7 * params.cue_contrast, 1.0)
             win[:] = win * (1 - band) + RING * band
         if kind == "R+T":
             lesion[y0:y1, x0:x1] |= r <= tex_r
