@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,6 +84,16 @@ def pyramid_1_2_4(tmp_path_factory, textured_image) -> Path:
 
 
 TINY_DEMO = DemoParams(num_patients=4, size=1536, seed=1)
+
+#: the MIL model the bundle trains by default (configs/common.yaml ``mil_model``)
+DEFAULT_MIL_MODEL = yaml.safe_load((ROOT / "configs" / "common.yaml").read_text())["mil_model"]
+
+
+def default_network(in_features: int = 128, **kw):
+    """The default MIL network as configs/common.yaml builds it (128 = the demo's ``tiny`` encoder)."""
+    from scripts.mil.baselines import build_model
+
+    return build_model(DEFAULT_MIL_MODEL, in_features=in_features, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DEMO
+from conftest import ROOT, TINY_DEMO, default_network
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_training_chain_from_scratch(tmp_path):
     assert len(list((out / "cache" / "features").glob("*/clusters.npy"))) == 4
     ckpt = out / "models" / "model.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert "enc_weight" in state and state["enc_weight"].shape[1] == 128
+    assert state["input_mean"].shape == (128,) and set(state) == set(default_network(128).state_dict())  # the default mil_model
     assert list((out / "logs").glob("events.out.tfevents.*"))
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["epochs"] == 1 and summary["best"]["epoch"] == 1

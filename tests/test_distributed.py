@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DEMO, free_port
-from scripts.mil.networks import CSMIL
+from conftest import ROOT, TINY_DEMO, default_network, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,4 +34,4 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
     assert json.loads((out / "training_summary.json").read_text())["epochs"] == 2
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DistributedDataParallel
-    CSMIL(in_features=128).load_state_dict(state)
+    default_network().load_state_dict(state)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from conftest import ROOT, TINY_DEMO
+from conftest import ROOT, TINY_DEMO, default_network
 from scripts.mil.networks import CSMIL
 
 
@@ -32,7 +32,7 @@ def test_verify_net_in_out_passes_and_catches_a_wrong_shape(tmp_path):
 
 def test_ckpt_export_to_torchscript_matches_eager(tmp_path):
     torch.manual_seed(0)
-    net = CSMIL(in_features=128).eval()  # the demo encoder's feature size, as configs/common.yaml derives it
+    net = default_network().eval()  # the demo encoder's feature size, as configs/common.yaml derives it
     net.set_input_stats(torch.randn(128), torch.rand(128) + 0.5)
     torch.save(net.state_dict(), tmp_path / "model.pt")
     r = bundle("ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(tmp_path / "model.pt"),
@@ -84,7 +84,7 @@ def test_missing_train_property_is_reported(tmp_path, monkeypatch, tiny_demo):
 def test_inference_config_has_the_zoo_infer_properties(tmp_path, monkeypatch, tiny_demo):
     monkeypatch.chdir(ROOT)
     ckpt = tmp_path / "model.pt"
-    torch.save(CSMIL(in_features=128).state_dict(), ckpt)  # a fresh clone has no trained model
+    torch.save(default_network().state_dict(), ckpt)  # a fresh clone has no trained model
     w = ConfigWorkflow(config_file=str(ROOT / "configs" / "inference.yaml"), workflow_type="infer",
                        meta_file=str(ROOT / "configs" / "metadata.json"), logging_file=str(ROOT / "configs" / "logging.conf"),
                        dataset_dir=str(tiny_demo.parent), output_dir=str(tmp_path / "out"), progress=False, ckpt_path=str(ckpt))

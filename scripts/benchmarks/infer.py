@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         r = subprocess.run(
             [sys.executable, "-c", _LAUNCH, "run", "inference", "--config_file", "configs/inference.yaml", "--input", str(slide),
-             "--output_dir", str(out), "--ckpt_path", str(ckpt), "--encoder_arch", args.arch, "--progress", "False"],
+             "--output_dir", str(out), "--ckpt_path", str(ckpt), "--encoder_arch", args.arch, "--mil_model", "csmil", "--progress", "False"],
             cwd=ROOT, capture_output=True, text=True,
         )
         wall = time.perf_counter() - t

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from scripts.cache import stable_hash
 from scripts.features.store import FeatureEntry
-from scripts.inference.predict import bag_probability, load_network
+from scripts.inference.predict import bag_probability, entry_localisation, load_network, patch_attention, scale_name
 from scripts.mil.baselines import MODELS
 from scripts.workflows.splits import protocol_splits
 
@@ -111,10 +111,7 @@ def run_one(
     for key, value in {**train_ids, **variant.overrides}.items():
         parser[key] = value
     parser["split"] = {"train": list(split["train"]), "val": list(split["val"])}
-    parser["network_def"] = {
-        "_target_": "scripts.mil.baselines.build_model", "_requires_": "@determinism", "name": variant.model,
-        "in_features": "@in_features", "num_scales": "$len(@scales_mpp)", "num_clusters": "@num_clusters",
-    }
+    parser["mil_model"] = variant.model
     parser["output_dir"], parser["ckpt_dir"], parser["progress"] = str(tmp), str(tmp), False
     parser.get_parsed_content("training")
     network = load_network(parser.get_parsed_content("network"), tmp / "model.pt", device)
@@ -129,11 +126,34 @@ def run_one(
             for part in ("val", "test")
         },
     }
+    loc = test_localisation(network, split["test"], k, train_ids, device)
+    if loc:
+        result["localisation"] = loc
     (tmp / "predictions.json").write_text(json.dumps(result, indent=1))
     if run_dir.exists():
         shutil.rmtree(run_dir)
     tmp.rename(run_dir)
     return result
+
+
+def test_localisation(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, train_ids: Mapping[str, Any],
+                      device: Any = "cpu") -> dict[str, float]:
+    """Mean per-scale localisation AUROC of the network's patch attention against the lesion masks of the positive
+    test slides (``<dataset_dir>/masks/<slide_id>.png``, as the demo and co-location cohorts have); empty when
+    there are no masks or the network has no attention (``forward_attention``)."""
+    masks = Path(str(train_ids.get("dataset_dir", ""))) / "masks"
+    if not hasattr(network, "forward_attention") or not masks.is_dir():
+        return {}
+    scales = [scale_name(m) for m in train_ids.get("scales_mpp", [])]
+    per_slide = []
+    for e in entries:
+        if int(e.meta.get("label", 0)) == 1:
+            auc = entry_localisation(e, patch_attention(network, e, num_clusters, device)[0], masks)
+            if auc is not None and None not in auc:
+                per_slide.append(auc)
+    if not per_slide or len(scales) != len(per_slide[0]):
+        return {}
+    return {name: float(sum(a[i] for a in per_slide) / len(per_slide)) for i, name in enumerate(scales)}
 
 
 def run_protocol(

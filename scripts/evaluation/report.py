@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 #: the paper's Table 1 rows (baselines, then CS-MIL) and Table 3 rows (attention variants)
 TABLE1 = ["deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x", "gated_attention_multiscale", "deepattnmisl_multiscale",
-          "mdmil", "dsmil", "csmil"]
+          "mdmil", "dsmil", "csmil", "csmil_joint"]
 TABLE3 = ["csmil", "csmil_shared_tanh", "csmil_nonshared_relu", "csmil_nonshared_tanh", "csmil_reference", "csmil_flat"]
 SUMMARY_KEYS = ("auc", "ap", "accuracy", "balanced_accuracy", "brier")
 
@@ -102,6 +102,9 @@ def build_report(
                        "pr": {"precision": list(map(float, prec)), "recall": list(map(float, rec))}},
             "predictions": {i: float(v) for i, v in zip(ids, p)},
         }
+        loc = [r["localisation"] for r in runs if r.get("localisation")]
+        if loc:  # attention models on cohorts with lesion masks: mean over splits, per scale
+            models[name]["localisation"] = {s: float(np.mean([d[s] for d in loc])) for s in loc[0]}
     comparisons = {}
     if reference in combined:
         ids_r, y, p_ref, groups = combined[reference]
@@ -174,6 +177,13 @@ def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png",
     t4 = [n for n in names if "[" in n]
     if t4:
         lines += ["## Table 4: ablation", "", *_model_table(report, t4), ""]
+    located = [n for n in names if report["models"][n].get("localisation")]
+    if located:
+        scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))  # 20x first
+        lines += ["## Attention localisation (AUROC of patch attention vs lesion masks, positive test slides, mean over splits)", "",
+                  "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_fmt(report["models"][n]["localisation"].get(sc), 3) for sc in scales) + " |" for n in located]
+        lines.append("")
     lines += ["## Thresholds and calibration (combined predictions)", "",
               "| model | sens / spec @0.5 | balanced acc @0.5 | sens / spec @val threshold | balanced acc @val | Brier | ECE |", "|---|---|---|---|---|---|---|"]
     for n in names:

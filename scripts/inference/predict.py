@@ -36,7 +36,8 @@ def load_network(network: torch.nn.Module, ckpt_path: str | Path, device: str | 
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    check_state_matches(network, state, ckpt_path, "use the network settings (and encoder, hence in_features) the checkpoint was trained with")
+    check_state_matches(network, state, ckpt_path, "use the MIL model (--mil_model, e.g. csmil for a checkpoint of the "
+                        "paper's CS-MIL) and encoder (hence in_features) the checkpoint was trained with")
     network.load_state_dict(state)
     return network.to(device).eval()
 
@@ -82,13 +83,11 @@ def bag_probability(
 
 
 @torch.inference_mode()
-def predict_entry(
-    network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, per_cluster: int, num_bags: int = 100,
-    replacement: bool = False, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 25,
-) -> SlidePrediction:
-    """Mean probability of class 1 over ``num_bags`` seeded random bags, and attention of every patch."""
-    t0 = time.perf_counter()
-    probability = bag_probability(network, entry, num_clusters, per_cluster, num_bags, replacement, seed, device, chunk)
+def patch_attention(
+    network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over all of a slide's patches (one bag, grouped by cluster): per-patch, per-scale attention
+    [N, S] (the patch's share x its scale weight) and the scale weights [N, S]."""
     feats, clusters = entry.features(), entry.clusters()
     idx, mask = full_bag(clusters, num_clusters)
     x = gather_bag(feats, idx)[None].to(device)
@@ -99,7 +98,18 @@ def predict_entry(
     patch = np.zeros(n, np.float32)
     scale[valid] = att["scale"][0][torch.from_numpy(mask)].float().cpu().numpy()
     patch[valid] = att["patch"][0][torch.from_numpy(mask)].float().cpu().numpy()
-    return SlidePrediction(entry.slide_id, probability, patch[:, None] * scale, scale, time.perf_counter() - t0)
+    return patch[:, None] * scale, scale
+
+
+def predict_entry(
+    network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, per_cluster: int, num_bags: int = 100,
+    replacement: bool = False, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 25,
+) -> SlidePrediction:
+    """Mean probability of class 1 over ``num_bags`` seeded random bags, and attention of every patch."""
+    t0 = time.perf_counter()
+    probability = bag_probability(network, entry, num_clusters, per_cluster, num_bags, replacement, seed, device, chunk)
+    attention, scale = patch_attention(network, entry, num_clusters, device)
+    return SlidePrediction(entry.slide_id, probability, attention, scale, time.perf_counter() - t0)
 
 
 def localisation_auroc(coords: np.ndarray, attention: np.ndarray, mask: np.ndarray, mask_mpp: float, slide_mpp: float) -> list[float | None]:
@@ -113,6 +123,15 @@ def localisation_auroc(coords: np.ndarray, attention: np.ndarray, mask: np.ndarr
     if y.all() or not y.any():
         return [None] * attention.shape[1]
     return [float(roc_auc_score(y, attention[:, s])) for s in range(attention.shape[1])]
+
+
+def entry_localisation(entry: FeatureEntry, attention: np.ndarray, masks: Path | None, lesion_mask_mpp: float = 8.0) -> list[float | None] | None:
+    """Per-scale localisation AUROC of ``attention`` [N, S] against ``masks/<slide_id>.png`` (None without a mask)."""
+    mask_file = masks / f"{entry.slide_id}.png" if masks else None
+    if mask_file is None or not mask_file.is_file():
+        return None
+    slide_mpp = float(json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())["mpp"])
+    return localisation_auroc(entry.coords().astype(np.float64), attention, np.asarray(Image.open(mask_file)), lesion_mask_mpp, slide_mpp)
 
 
 def scale_name(mpp: float) -> str:
@@ -165,9 +184,8 @@ def write_slide_outputs(
         "num_patches": entry.num_patches,
         "predict_seconds": round(pred.seconds, 3),
     }
-    mask_file = masks / f"{entry.slide_id}.png" if masks else None
-    if mask_file is not None and mask_file.is_file():
-        aurocs = localisation_auroc(coords, pred.attention, np.asarray(Image.open(mask_file)), lesion_mask_mpp, slide_mpp)
+    aurocs = entry_localisation(entry, pred.attention, masks, lesion_mask_mpp)
+    if aurocs is not None:
         row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
     atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
     return row

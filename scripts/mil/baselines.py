@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from scripts.mil.fusion import CriticalInstancePooling, JointScaleMIL, cluster_mass
 from scripts.mil.networks import CSMIL, masked_softmax
 
 
@@ -113,12 +114,8 @@ class DSMIL(nn.Module):
         self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
         self.register_buffer("input_mean", torch.zeros(in_features))
         self.register_buffer("input_std", torch.ones(in_features))
-        d = in_features * num_scales
-        self.embed = nn.Sequential(nn.Linear(d, hidden), nn.ReLU())
-        self.instance_classifier = nn.Linear(hidden, num_classes)
-        self.query = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
-        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
-        self.bag_classifier = nn.Linear(hidden, num_classes)
+        self.embed = nn.Sequential(nn.Linear(in_features * num_scales, hidden), nn.ReLU())
+        self.pool = CriticalInstancePooling(hidden, num_classes, dropout)
 
     set_input_stats = CSMIL.set_input_stats
 
@@ -127,16 +124,32 @@ class DSMIL(nn.Module):
         mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
         x = (x - self.input_mean) / self.input_std
         h = self.embed(x.permute(0, 2, 1, 3).reshape(b, n, s * d))  # [B, N, H]
-        inst_logits = self.instance_classifier(h)  # [B, N, C]
-        positive = inst_logits[..., -1].masked_fill(~mask, -1e4)
-        crit = positive.argmax(dim=1)  # critical instance per bag
-        max_logits = inst_logits[torch.arange(b, device=x.device), crit]  # [B, C]
-        q = self.query(h)
-        q_crit = q[torch.arange(b, device=x.device), crit]  # [B, H]
-        scores = (q * q_crit.unsqueeze(1)).sum(-1) / (q.shape[-1] ** 0.5)
-        a = masked_softmax(scores, mask, dim=-1)
-        bag = (a.unsqueeze(-1) * self.value(h)).sum(dim=1)
-        return 0.5 * (max_logits + self.bag_classifier(bag))
+        return self.pool(h, mask)[0]
+
+    @torch.jit.export
+    def forward_attention(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Logits and the maps' weights, as :meth:`scripts.mil.fusion.JointScaleMIL.forward_attention`.
+
+        ``patch`` / ``instance`` [B, N]: softmax over the bag of the instance classifier's class-1 margin (where
+        the critical-instance stream looks); ``scale`` [B, N, S]: the concatenation has no scale attention, so
+        each location's scale weights are a softmax over scales of each scale's additive share of that margin
+        (the embedding is ``ReLU(sum_s W_s x_s + b)``: within the active units the margin splits exactly into
+        per-scale terms); ``cluster`` [B, K]: patch weight per phenotype cluster; ``bag`` [B, N]: bag-stream
+        attention.
+        """
+        b, s, n, d = x.shape
+        mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
+        x = (x - self.input_mean) / self.input_std
+        lin = self.embed[0]
+        u = torch.einsum("bsnd,hsd->bnsh", x, lin.weight.reshape(lin.weight.shape[0], s, d))  # per-scale terms
+        z = u.sum(dim=2) + lin.bias
+        logits, weights, bag = self.pool(torch.relu(z), mask)
+        w = self.pool.instance_classifier.weight
+        share = (u * (z > 0).unsqueeze(2).to(u.dtype) * (w[-1] - w[0])).sum(-1)  # [B, N, S]
+        return logits, {"scale": torch.softmax(share, dim=-1), "instance": weights, "patch": weights,
+                        "cluster": cluster_mass(weights, self.num_clusters), "bag": bag}
 
 
 #: the paper's Table 1 / Table 3 models by name (constructor, keyword arguments)
@@ -154,6 +167,11 @@ MODELS: dict[str, tuple[type, dict]] = {
     "csmil_nonshared_tanh": (CSMIL, {"share_scale_kernel": False, "scale_activation": "tanh"}),
     "csmil_reference": (CSMIL, {"scale_softmax": False, "pooling": "flat"}),
     "csmil_flat": (CSMIL, {"pooling": "flat"}),
+    "csmil_joint": (JointScaleMIL, {}),
+    # ablations of csmil_joint (docs/evaluation.md): the paper's fusion with critical-instance pooling, and the
+    # joint fusion with the paper's hierarchical attention pooling
+    "ablation_paper_fusion": (JointScaleMIL, {"fusion": "paper"}),
+    "ablation_attention_pooling": (JointScaleMIL, {"pooling": "hierarchical"}),
 }
 
 

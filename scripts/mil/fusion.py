@@ -1,0 +1,181 @@
+"""CS-MIL-joint: cross-scale attention that keeps co-located evidence (``csmil_joint``; ``--mil_model csmil_joint``).
+
+Why a new fusion (docs/evaluation.md, "Cross-scale fusion", with the numbers: it recovers most of what the paper's
+fusion loses on co-location cohorts but does not beat the concatenation baseline ``dsmil``, the default): the paper's CS-MIL passes every scale through the
+MI-FCN's ReLU on its own and then averages the scales with softmax weights, ``f = sum_s a_s ReLU(W x_s)``. Each
+hidden unit therefore responds to one scale at a time, and the weights compete: giving the 5x ring more weight
+takes weight from the 20x texture. A cue that is diagnostic only when two scales show their part at the same
+location (a conjunction) has no unit that fires for it. Here the cross-scale attention weights the scales'
+*projections* and the ReLU comes after the sum::
+
+    u_s = W_s x_s                                        per-scale MI-FCN projection (one per scale: each scale
+                                                         has its own encoder and feature space)
+    a   = softmax_s( w^T tanh(V (u_s + e_s)) )           cross-scale attention per location (learned scale
+                                                         embedding e_s)
+    f   = ReLU( sum_s S a_s u_s + b )                    joint embedding of the location
+
+With uniform weights ``f`` is the concatenation baseline's embedding (``ReLU(W [x_1 .. x_S] + b)``), so a hidden
+unit can threshold evidence summed over scales (texture at 20x *and* ring at 5x); the attention re-weights the
+scales per location and its weights are the per-scale weights of the maps.
+
+Locations are pooled by critical-instance (dual-stream) pooling (Li et al., CVPR 2021): an instance classifier
+scores every location, the best-scoring one is the critical instance, and attention by similarity to it builds
+the bag embedding; the logits average the two streams. A slide label that means "at least one lesion" is what
+max-style pooling models; attention pooling dilutes a few lesion locations among many (the ablation in
+docs/evaluation.md separates the two effects). The patch weights of the maps are a softmax of the instance
+classifier's class-1 margin over the bag: where the critical-instance stream looks.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from scripts.mil.networks import CSMIL, AttentionScore, masked_softmax
+
+
+def cluster_mass(weights: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Patch weights [B, N] of a cluster-major bag summed per phenotype cluster [B, K] (uniform if N % K != 0)."""
+    b, n = weights.shape
+    if n % num_clusters == 0:
+        return weights.reshape(b, num_clusters, n // num_clusters).sum(dim=-1)
+    return torch.ones(b, num_clusters, device=weights.device, dtype=weights.dtype) / num_clusters
+
+
+class CriticalInstancePooling(nn.Module):
+    """Dual-stream MIL pooling (DSMIL) of instance embeddings ``h`` [B, N, H] with ``mask`` [B, N].
+
+    Returns logits [B, C], instance weights [B, N] (softmax of the class-1 margin of the instance classifier
+    over the bag's real instances) and bag attention [B, N] (similarity to the critical instance).
+    """
+
+    def __init__(self, hidden: int, num_classes: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.instance_classifier = nn.Linear(hidden, num_classes)
+        self.query = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.bag_classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = h.shape[0]
+        rows = torch.arange(b, device=h.device)
+        inst_logits = self.instance_classifier(h)  # [B, N, C]
+        crit = inst_logits[..., -1].masked_fill(~mask, -1e4).argmax(dim=1)  # critical instance per bag
+        max_logits = inst_logits[rows, crit]
+        q = self.query(h)
+        scores = (q * q[rows, crit].unsqueeze(1)).sum(-1) / (q.shape[-1] ** 0.5)
+        a = masked_softmax(scores, mask, dim=-1)
+        bag = (a.unsqueeze(-1) * self.value(h)).sum(dim=1)
+        weights = masked_softmax(inst_logits[..., -1] - inst_logits[..., 0], mask, dim=-1)
+        return 0.5 * (max_logits + self.bag_classifier(bag)), weights, a
+
+
+class HierarchicalAttentionPooling(nn.Module):
+    """The paper's pooling (as :class:`scripts.mil.networks.CSMIL` pools): attention over the instances inside
+    each of the K clusters, then over clusters, then the MLP head. Used by the ablation that keeps the joint
+    fusion and swaps critical-instance pooling for this one. Returns logits, patch weights, cluster weights."""
+
+    def __init__(self, hidden: int, attn_hidden: int, num_clusters: int, num_classes: int = 2, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.instance_attention = AttentionScore(hidden, attn_hidden, "tanh")
+        self.cluster_attention = AttentionScore(hidden, attn_hidden, "tanh")
+        self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
+
+    def forward(self, f: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = f.shape
+        k = self.num_clusters
+        if n % k != 0:
+            raise ValueError(f"bag slots ({n}) must be a multiple of num_clusters ({k})")
+        fk, mk = f.reshape(b, k, n // k, -1), mask.reshape(b, k, n // k)
+        a_inst = masked_softmax(self.instance_attention(fk), mk, dim=-1)
+        clusters = (a_inst.unsqueeze(-1) * fk).sum(dim=2)
+        a_clu = masked_softmax(self.cluster_attention(clusters), mk.any(dim=-1), dim=-1)
+        slide = (a_clu.unsqueeze(-1) * clusters).sum(dim=1)
+        return self.head(slide), (a_inst * a_clu.unsqueeze(-1)).reshape(b, n), a_clu
+
+
+class JointScaleMIL(nn.Module):
+    """CS-MIL-joint (see the module docstring): joint cross-scale attention + critical-instance pooling.
+
+    Same interface as :class:`scripts.mil.networks.CSMIL`: bags ``x`` [B, S, N, D] (cluster-major slots),
+    optional ``mask`` [B, N]; ``forward`` -> logits [B, C]; ``forward_attention`` -> logits and ``scale``
+    [B, N, S] (cross-scale attention, rows sum to 1), ``instance`` and ``patch`` [B, N] (critical-instance
+    weights, sum to 1 over real instances), ``cluster`` [B, K] (the patch weight falling in each phenotype
+    cluster), ``bag`` [B, N] (the bag stream's attention).
+
+    Args:
+        in_features: patch feature size D.
+        num_scales: S.
+        num_clusters: K (bags are drawn evenly from the K phenotype clusters).
+        hidden: embedding size (64, the paper's MI-FCN size).
+        attn_hidden: cross-scale attention hidden size (32).
+        dropout: dropout on the bag stream's values (critical pooling; default 0, as DSMIL) or before the head's
+            last layer (hierarchical pooling; default 0.5, as CS-MIL).
+        num_classes: output logits.
+        fusion: ``joint`` (ReLU after the weighted sum: this model) or ``paper`` (ReLU per scale, then the
+            weighted average, as CS-MIL fuses; same projections and attention): an ablation.
+        pooling: ``critical`` (this model) or ``hierarchical`` (the paper's attention pooling): an ablation.
+    """
+
+    def __init__(
+        self, in_features: int = 2048, num_scales: int = 3, num_clusters: int = 8, hidden: int = 64, attn_hidden: int = 32,
+        dropout: Optional[float] = None, num_classes: int = 2, fusion: str = "joint", pooling: str = "critical",
+    ) -> None:
+        super().__init__()
+        if fusion not in ("joint", "paper") or pooling not in ("critical", "hierarchical"):
+            raise ValueError(f"fusion must be joint|paper and pooling critical|hierarchical, got {fusion!r}, {pooling!r}")
+        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
+        self.joint = fusion == "joint"
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        # The per-scale projections start as the concatenation baseline's embedding: one nn.Linear over the S
+        # concatenated scales (its default init, drawn first, then the pooling, as DSMIL draws them), cut into S
+        # blocks; with the zero-initialised score layer below, csmil_joint at initialisation *is* dsmil under the
+        # same seed, and the cross-scale attention moves away from uniform only where that lowers the loss.
+        concat = nn.Linear(in_features * num_scales, hidden)
+        self.scale_weight = nn.Parameter(concat.weight.detach().t().reshape(num_scales, in_features, hidden).clone())
+        self.bias = nn.Parameter(concat.bias.detach().clone())
+        if pooling == "critical":
+            self.pool = CriticalInstancePooling(hidden, num_classes, 0.0 if dropout is None else dropout)
+        else:
+            self.pool = HierarchicalAttentionPooling(hidden, attn_hidden, num_clusters, num_classes, 0.5 if dropout is None else dropout)
+        self.scale_embedding = nn.Parameter(torch.randn(num_scales, hidden) * 0.02)
+        self.scale_attention = AttentionScore(hidden, attn_hidden, "tanh")
+        nn.init.zeros_(self.scale_attention.net[-1].weight)  # uniform scale weights at initialisation
+        nn.init.zeros_(self.scale_attention.net[-1].bias)
+        self.critical = pooling == "critical"
+
+    set_input_stats = CSMIL.set_input_stats
+
+    def _fuse(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, N, D] -> joint embeddings [B, N, H] and cross-scale attention [B, N, S]."""
+        x = (x - self.input_mean) / self.input_std
+        u = torch.einsum("bsnd,sdh->bnsh", x, self.scale_weight)  # [B, N, S, H]
+        a = torch.softmax(self.scale_attention(u + self.scale_embedding), dim=-1)  # [B, N, S]
+        if self.joint:
+            return torch.relu((a.unsqueeze(-1) * u).sum(dim=2) * self.num_scales + self.bias), a
+        return (a.unsqueeze(-1) * torch.relu(u * self.num_scales + self.bias)).sum(dim=2), a
+
+    @torch.jit.export
+    def forward_attention(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Logits [B, C] and the attention dict described in the class docstring."""
+        if x.dim() != 4 or x.shape[1] != self.num_scales or x.shape[3] != self.in_features:
+            raise ValueError(f"expected bags [B, {self.num_scales}, N, {self.in_features}], got {list(x.shape)}")
+        b, _, n, _ = x.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        mask = mask.to(torch.bool)
+        f, a_scale = self._fuse(x)
+        logits, weights, extra = self.pool(f, mask)
+        if not self.critical:  # ablation: extra = cluster weights
+            return logits, {"scale": a_scale, "instance": weights, "cluster": extra, "patch": weights, "bag": weights}
+        return logits, {"scale": a_scale, "instance": weights, "cluster": cluster_mass(weights, self.num_clusters), "patch": weights, "bag": extra}
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, num_classes] of bags ``x`` [B, S, N, D] with optional ``mask`` [B, N]."""
+        return self.forward_attention(x, mask)[0]
