@@ -5,4 +5,4 @@ The package is imported by the bundle configs (``$import scripts``); each subpac
 clustering), ``mil`` (bags, networks), ``workflows`` (stages, splits, handlers).
 """
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
