@@ -126,7 +126,7 @@ def run_one(
             for part in ("val", "test")
         },
     }
-    loc = test_localisation(network, split["test"], k, train_ids, device)
+    loc = localisation_on_test_slides(network, split["test"], k, train_ids, device)
     if loc:
         result["localisation"] = loc
     (tmp / "predictions.json").write_text(json.dumps(result, indent=1))
@@ -136,7 +136,7 @@ def run_one(
     return result
 
 
-def test_localisation(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, train_ids: Mapping[str, Any],
+def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, train_ids: Mapping[str, Any],
                       device: Any = "cpu") -> dict[str, float]:
     """Mean per-scale localisation AUROC of the network's patch attention against the lesion masks of the positive
     test slides (``<dataset_dir>/masks/<slide_id>.png``, as the demo and co-location cohorts have); empty when
