@@ -6,3 +6,7 @@ clustering), ``mil`` (bags, networks), ``workflows`` (stages, splits, handlers).
 """
 
 __version__ = "0.11.0"
+
+from scripts.lazy import lazy_submodules
+
+__getattr__ = lazy_submodules(__name__)

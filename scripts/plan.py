@@ -3,7 +3,7 @@
     python -m scripts.plan --manifest /data/cohort/manifest.csv [--patches_per_s 400] [--gpus 8] \
         [--encoder_arch resnet50] [--cache_dir outputs/cache] [--csv plan.csv]
 
-It runs the (cached, cheap) prepare stage of configs/prepare.yaml - tissue detection on a thumbnail and
+It runs the (cached, cheap) prepare stage of the pipeline config (configs/train.yaml) - tissue detection on a thumbnail and
 the patch grid - with the given manifest, so the counts are the ones extraction will encode. Storage is
 float16 features [N, S, D] plus coordinates; wall time = patches / (patches_per_s x gpus), where
 ``patches_per_s`` is the end-to-end multi-scale patch rate of one GPU (measure it on your hardware with
@@ -57,18 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None, help="write the per-slide table here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from monai.bundle import ConfigParser
-
     import scripts.excepthook  # noqa: F401  (one-line errors)
+    from scripts.workflows.pipeline_config import pipeline_parser
 
-    parser = ConfigParser()
-    parser.read_config("configs/prepare.yaml")
     manifest = Path(args.manifest).resolve()
     overrides = {"manifest": str(manifest), "dataset_dir": str(manifest.parent), "cache_dir": args.cache_dir,
                  "demo_if_missing": False, "progress": True, "scales_mpp": eval(args.scales_mpp, {}), "mpp": args.mpp}  # noqa: S307
-    for k, v in overrides.items():
-        parser[k] = v
-    prepared = parser.get_parsed_content("prepare")
+    prepared = pipeline_parser(overrides).get_parsed_content("prepare")
     scales = overrides["scales_mpp"]
     rows = plan_rows(prepared["records"], prepared["tiles"], len(scales), feature_dim(args.encoder_arch))
     s = summarise(rows, args.patches_per_s, args.gpus)

@@ -85,12 +85,12 @@ def pyramid_1_2_4(tmp_path_factory, textured_image) -> Path:
 
 TINY_DEMO = DemoParams(num_patients=4, size=1536, seed=1)
 
-#: the MIL model the bundle trains by default (configs/common.yaml ``mil_model``)
-DEFAULT_MIL_MODEL = yaml.safe_load((ROOT / "configs" / "common.yaml").read_text())["mil_model"]
+#: the MIL model the bundle trains by default (configs/train.yaml ``mil_model``)
+DEFAULT_MIL_MODEL = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["mil_model"]
 
 
 def default_network(in_features: int = 128, **kw):
-    """The default MIL network as configs/common.yaml builds it (128 = the demo's ``tiny`` encoder)."""
+    """The default MIL network as configs/train.yaml builds it (128 = the demo's ``tiny`` encoder)."""
     from scripts.mil.baselines import build_model
 
     return build_model(DEFAULT_MIL_MODEL, in_features=in_features, **kw)

@@ -87,7 +87,7 @@ def test_export_checks_one_encoder_per_scale(tmp_path):
 def test_config_section_fills_references_and_names_unknown_ones(tmp_path):
     values = {"scale_keys": ["a", "b", "c"], "scales_mpp": (0.5, 1.0, 2.0), "patch_size": 224, "wsi_backend": "tifffile",
               "read_cell_um": 512.0, "normalize_mean": [0.5] * 3, "normalize_std": [0.25] * 3}
-    section = config_section(ROOT / "configs" / "extract.yaml", "preprocessing", values)
+    section = config_section(ROOT / "configs" / "train.yaml", "preprocessing", values)
     assert section["transforms"][0]["scales_mpp"] == [0.5, 1.0, 2.0] and section["transforms"][0]["backend"] == "tifffile"
     assert section["transforms"][1]["spatial_size"] == [224, 224]
     assert "@" not in json.dumps(section)
@@ -96,7 +96,7 @@ def test_config_section_fills_references_and_names_unknown_ones(tmp_path):
     compose = ConfigParser({"p": section}).get_parsed_content("p")
     assert [type(t).__name__ for t in compose.transforms][:2] == ["LoadMultiScaleRegiond", "Resized"]
     with pytest.raises(BundleInputError, match="@patch_size"):
-        config_section(ROOT / "configs" / "extract.yaml", "preprocessing", {k: v for k, v in values.items() if k != "patch_size"})
+        config_section(ROOT / "configs" / "train.yaml", "preprocessing", {k: v for k, v in values.items() if k != "patch_size"})
 
 
 def test_missing_or_incomplete_repository_names_the_folder_and_the_export_command(tmp_path):

@@ -12,6 +12,7 @@ from conftest import ROOT
 from feature_cohort import cross_scale_cohort
 from scripts.errors import BundleInputError
 from scripts.evaluation import protocol, report, workflow
+from scripts.workflows.pipeline_config import PIPELINE_CONFIG
 from scripts.workflows.splits import protocol_splits
 
 
@@ -79,15 +80,10 @@ def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluation")
     entries = cross_scale_cohort(tmp / "store", num_patients=16)
     out = tmp / "out"
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # configs resolve against the bundle root
-    try:
-        files = workflow.evaluate(
-            ROOT, {"max_epochs": 8, "val_interval": 1}, entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
-            seed=0, test_bags=4, bootstrap_resamples=200, ablation_id="bag_per_cluster", ablation_values=[2], progress=False,
-        )
-    finally:
-        os.chdir(cwd)
+    files = workflow.evaluate(
+        PIPELINE_CONFIG, {"max_epochs": 8, "val_interval": 1}, entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
+        seed=0, test_bags=4, bootstrap_resamples=200, ablation_id="bag_per_cluster", ablation_values=[2], progress=False,
+    )
     return entries, out, files
 
 
@@ -122,7 +118,7 @@ def test_protocol_resumes_without_retraining(evaluated, monkeypatch):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        workflow.evaluate(ROOT, {"max_epochs": 8, "val_interval": 1}, entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
+        workflow.evaluate(PIPELINE_CONFIG, {"max_epochs": 8, "val_interval": 1}, entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
                           seed=0, test_bags=4, bootstrap_resamples=200, ablation_id="bag_per_cluster", ablation_values=[2], progress=False)
     finally:
         os.chdir(cwd)
@@ -147,8 +143,7 @@ def test_markdown_tables_follow_the_paper_layout():
 def test_external_test_set_is_scored_by_the_ensemble_of_split_models(tmp_path, monkeypatch):
     entries = cross_scale_cohort(tmp_path / "store", num_patients=12)
     dev, test = entries[:8], entries[8:]
-    monkeypatch.chdir(ROOT)
-    files = workflow.evaluate(ROOT, {"max_epochs": 2}, dev, tmp_path / "out", models=["csmil", "deepattnmisl_20x"], test_entries=test,
+    files = workflow.evaluate(PIPELINE_CONFIG, {"max_epochs": 2}, dev, tmp_path / "out", models=["csmil", "deepattnmisl_20x"], test_entries=test,
                               num_splits=2, seed=0, test_bags=3, bootstrap_resamples=50, progress=False)
     rep = json.loads(files["json"].read_text())
     assert rep["protocol"]["mode"] == "external_test"

@@ -95,16 +95,9 @@ def test_features_identical_across_runs_with_same_seed(cohort, tmp_path):
 
 
 def _pretrain_transform(scale: float):
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "pretrain.yaml"))
-    import os
+    from scripts.workflows.pipeline_config import pipeline_parser
 
-    old = os.getcwd()
-    os.chdir(ROOT)  # the config's macros resolve against the bundle root
-    try:
-        return parser.get_parsed_content("pretrain_transform")(scale)
-    finally:
-        os.chdir(old)
+    return pipeline_parser().get_parsed_content("pretrain_transform")(scale)
 
 
 def test_simsiam_loss_falls_and_does_not_collapse(cohort):

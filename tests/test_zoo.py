@@ -55,8 +55,8 @@ def test_every_variant_is_scriptable(kw):
 
 
 def _train_properties(config, tmp_path, monkeypatch, tiny_demo):
-    monkeypatch.chdir(ROOT)  # config macros resolve against the bundle root
-    w = ConfigWorkflow(config_file=str(config), workflow_type="train", meta_file=str(ROOT / "configs" / "metadata.json"),
+    monkeypatch.chdir(tmp_path)  # the bundle runs from any folder given bundle_root
+    w = ConfigWorkflow(config_file=str(config), workflow_type="train", meta_file=str(ROOT / "configs" / "metadata.json"), bundle_root=str(ROOT),
                        logging_file=str(ROOT / "configs" / "logging.conf"), dataset_dir=str(tiny_demo.parent),
                        output_dir=str(tmp_path / "out"), demo_num_patients=TINY_DEMO.num_patients,
                        demo_slide_size=TINY_DEMO.size, progress=False, val_fraction=0.5)

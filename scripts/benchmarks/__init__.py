@@ -2,3 +2,7 @@
 
 Run ``python -m scripts.benchmarks <name> [--json F]``; names: ``read``, ``extract``, ``infer``, ``train``.
 """
+
+from scripts.lazy import lazy_submodules
+
+__getattr__ = lazy_submodules(__name__)

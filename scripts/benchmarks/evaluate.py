@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from monai.bundle import ConfigParser
 
 from scripts.benchmarks.common import report
 
@@ -24,21 +23,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset_dir", default="data/demo", help="demo cohort (generated there when missing)")
     ap.add_argument("--cache_dir", default="outputs/cache", help="feature store shared with `run training`")
     ap.add_argument("--splits", type=int, default=10)
-    ap.add_argument("--models", default="all", help="comma-separated model names, or 'all' (configs/evaluate.yaml)")
+    ap.add_argument("--models", default="all", help="comma-separated model names, or 'all' (the pipeline config's eval_models)")
     ap.add_argument("--max_epochs", type=int, default=None, help="override configs/train.yaml max_epochs")
     ap.add_argument("--workers", type=int, default=1, help="evaluation worker processes (eval_workers)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from scripts.evaluation import workflow
     from scripts.evaluation.protocol import Variant, _quiet, run_one
+    from scripts.workflows.pipeline_config import PIPELINE_CONFIG, pipeline_parser
     from scripts.workflows.splits import protocol_splits
 
-    parser = ConfigParser()
-    parser.read_config("configs/evaluate.yaml")
-    parser["dataset_dir"], parser["cache_dir"], parser["progress"] = args.dataset_dir, args.cache_dir, False
+    parser = pipeline_parser({"dataset_dir": args.dataset_dir, "cache_dir": args.cache_dir, "progress": False})
     entries = parser.get_parsed_content("entries")  # builds the features once (not timed)
     models = parser.get_parsed_content("eval_models") if args.models == "all" else args.models.split(",")
-    train_ids = dict(parser.get_parsed_content("stage_overrides"))
+    train_ids = dict(parser.get_parsed_content("eval_train_ids"))
     if args.max_epochs:
         train_ids["max_epochs"] = args.max_epochs
     out = Path(tempfile.mkdtemp(prefix="csmil-eval-bench-"))
@@ -48,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         by_id = {e.slide_id: e for e in entries}
         t = time.perf_counter()
         with _quiet(True):
-            run_one(".", train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
+            run_one(str(PIPELINE_CONFIG), train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
         one = time.perf_counter() - t
         t = time.perf_counter()
-        workflow.evaluate(".", train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True, workers=args.workers)
+        workflow.evaluate(PIPELINE_CONFIG, train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True, workers=args.workers)
         total = time.perf_counter() - t
     finally:
         shutil.rmtree(out, ignore_errors=True)

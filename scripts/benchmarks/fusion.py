@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--patients", type=int, default=100)
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2, help="eval_workers")
-    ap.add_argument("--models", default="all", help="comma-separated, or 'all' (configs/evaluate.yaml's list + ablations)")
+    ap.add_argument("--models", default="all", help="comma-separated, or 'all' (the pipeline config's eval_models + ablations)")
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the report")
     ap.add_argument("--workdir", default="outputs/bench-fusion", help="cohort, features and runs (reused when present)")
     ap.add_argument("--json", default=None)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if models is None:
         import yaml
 
-        models = list(yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text())["eval_models"]) + list(ABLATIONS)
+        models = list(yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["eval_models"]) + list(ABLATIONS)
     cmd += ["--eval_models", json.dumps(models)]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

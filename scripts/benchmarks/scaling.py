@@ -14,19 +14,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from monai.bundle import ConfigParser
-
 from scripts.benchmarks.common import report
 from scripts.data.demo import DemoParams, generate_demo
 from scripts.data.manifest import read_manifest, write_manifest
+from scripts.workflows.pipeline_config import pipeline_parser
 
 
 def _run_extract(manifest: Path, cache: Path) -> float:
-    parser = ConfigParser()
-    parser.read_config("configs/extract.yaml")
-    for k, v in {"manifest": str(manifest), "dataset_dir": str(manifest.parent), "cache_dir": str(cache),
-                 "demo_if_missing": False, "progress": False}.items():
-        parser[k] = v
+    parser = pipeline_parser({"manifest": str(manifest), "dataset_dir": str(manifest.parent), "cache_dir": str(cache),
+                              "demo_if_missing": False, "progress": False})
     t = time.perf_counter()
     entries = parser.get_parsed_content("extract")
     assert len(entries) == len(read_manifest(manifest, check_paths=False))

@@ -45,7 +45,7 @@ def encoder_dirs(scales_mpp: Sequence[float]) -> list[str]:
 def config_section(config_file: str | Path, section: str, values: Mapping[str, Any]) -> Any:
     """The raw config ``section`` of ``config_file`` with every ``"@id"`` reference replaced by ``values[id]``.
 
-    Used to ship the patch preprocessing of configs/extract.yaml (a MONAI ``Compose`` declared in the config)
+    Used to ship the patch preprocessing of the pipeline config (configs/train.yaml) (a MONAI ``Compose`` declared in the config)
     inside the model, so the Deploy app rebuilds exactly the same transforms with ``ConfigParser``.
     """
     config_file = Path(config_file)
@@ -62,7 +62,7 @@ def config_section(config_file: str | Path, section: str, values: Mapping[str, A
             ref = node[1:]
             if ref not in values:
                 raise BundleInputError(config_file, f"'{section}' refers to @{ref}, which the export was not given",
-                                       "add it to the values passed to config_section in configs/deploy.yaml")
+                                       "add it to the values passed to config_section in configs/train.yaml (preprocessing_config)")
             return _plain(values[ref])
         return node
 

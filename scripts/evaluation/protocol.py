@@ -1,8 +1,8 @@
 """The paper's evaluation protocol: every model variant trained on the same patient-level splits with the
 same hyper-parameters, each split's model chosen by validation loss, test slides scored with R random bags.
 
-Each (variant, split) run parses ``configs/train.yaml`` with the caller's shared ids, the split's slides and
-the variant's network and overrides, so ``run evaluate`` trains exactly what ``run training`` trains. A run
+Each (variant, split) run parses the training part of the pipeline config (``configs/train.yaml``, read once
+per process) with the caller's training ids, the split's slides and the variant's network and overrides, so ``run evaluate`` trains exactly what ``run training`` trains. A run
 lives in ``<output>/runs/<variant>/split_<i>-<hash>``: the hash covers everything the run depends on (features,
 clusters, split, model, overrides), the directory is filled under a ``.partial`` name and renamed when its
 predictions are written, so an interrupted evaluation resumes at the first unfinished run.
@@ -11,6 +11,8 @@ predictions are written, so an interrupted evaluation resumes at the first unfin
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import logging
 import shutil
@@ -22,6 +24,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.cache import stable_hash
+from scripts.config_values import as_bool
 from scripts.features.store import FeatureEntry
 from scripts.inference.predict import bag_probability, entry_localisation, load_network, patch_attention, scale_name
 from scripts.mil.baselines import MODELS
@@ -31,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 #: loggers silenced (to WARNING) while the protocol's many runs train, unless ``verbose``
 _CHATTY = ("ignite", "StatsHandler", "monai.handlers.StatsHandler", "csmil.training", "monai.handlers", "scripts.workflows.stages")
+
+
+@functools.lru_cache(maxsize=4)
+def _pipeline_config(config_file: str) -> dict:
+    """The raw pipeline config, read once per process (each run parses a deep copy)."""
+    return ConfigParser.load_config_file(config_file)
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,10 @@ def _entry_key(e: FeatureEntry) -> list:
 
 
 def run_one(
-    bundle_root: str | Path, train_ids: Mapping[str, Any], variant: Variant, split: Mapping[str, Sequence[FeatureEntry]],
+    config_file: str | Path, train_ids: Mapping[str, Any], variant: Variant, split: Mapping[str, Sequence[FeatureEntry]],
     run_dir: Path, test_bags: int, seed: int, device: Any = "cpu",
 ) -> dict:
-    """Train ``variant`` on one split (``configs/train.yaml`` with ``train_ids`` overrides), reload its
+    """Train ``variant`` on one split (the training part of ``config_file`` with ``train_ids``), reload its
     lowest-validation-loss checkpoint and score the split's validation and test slides (cached in ``run_dir``)."""
     done = run_dir / "predictions.json"
     if done.is_file():
@@ -106,8 +115,7 @@ def run_one(
     tmp = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle_root) / "configs" / "train.yaml"))
+    parser = ConfigParser(copy.deepcopy(_pipeline_config(str(config_file))))
     for key, value in {**train_ids, **variant.overrides}.items():
         parser[key] = value
     parser["split"] = {"train": list(split["train"]), "val": list(split["val"])}
@@ -116,7 +124,7 @@ def run_one(
     parser.get_parsed_content("training")
     network = load_network(parser.get_parsed_content("network"), tmp / "model.pt", device)
     k, m = parser.get_parsed_content("num_clusters"), parser.get_parsed_content("bag_per_cluster")
-    replacement = str(parser.get_parsed_content("bag_replacement")).lower() in ("true", "1")
+    replacement = as_bool(parser.get_parsed_content("bag_replacement"))
     summary = json.loads((tmp / "training_summary.json").read_text())
     result = {
         "variant": variant.name,
@@ -157,7 +165,7 @@ def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], n
 
 
 def run_protocol(
-    bundle_root: str | Path, train_ids: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
+    config_file: str | Path, train_ids: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
     output_dir: str | Path, num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_entries: Sequence[FeatureEntry] = (), is_test: Sequence[bool] | None = None, test_bags: int = 100,
     device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
@@ -193,7 +201,7 @@ def run_protocol(
             key = stable_hash([v.model, dict(v.overrides), {n: [_entry_key(e) for e in p] for n, p in parts.items()},
                                {k: str(val) for k, val in train_ids.items() if k not in ("output_dir", "progress")},
                                test_bags, seed], 10)
-            jobs.append((bundle_root, train_ids, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
+            jobs.append((config_file, train_ids, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
     results: dict[Path, dict] = {}
     with _quiet(not verbose):
         if workers > 1:

@@ -1,6 +1,6 @@
-"""Per-slide feature store (DESIGN.md Sec. 4).
+"""Per-slide feature store: one directory per slide, reused by every stage and command.
 
-One directory per slide, named ``<slide_id>-<hash of provenance>``::
+Each directory is named ``<slide_id>-<hash of provenance>``::
 
     features.npy   float16 [N, S, D], read memory-mapped
     coords.npy     int64 [N, 2] level-0 patch centres (x, y)

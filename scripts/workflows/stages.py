@@ -1,18 +1,17 @@
-"""Stage functions called from the configs, and the chaining between stage configs.
+"""Stage functions of the pipeline config (``configs/train.yaml``).
 
-Each stage config (``configs/<stage>.yaml``) defines a key named after the stage that returns its
-results. A stage that needs an earlier one calls :func:`run_stage`, which parses the earlier stage's
-config with the shared ids of ``configs/common.yaml`` (``stage_overrides``) and evaluates it; every
-stage is cached, so this only computes what is missing.
+The config chains the stages by reference inside one parse: ``records`` -> ``tiles`` (:func:`prepare_cohort`)
+-> ``features`` (:func:`scripts.features.extraction.extract_cohort`) -> ``entries``
+(:func:`scripts.features.clustering.cluster_cohort`). Every stage is cached on disk, so a command computes only
+what is missing.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.data.demo import DemoParams, generate_demo
@@ -23,17 +22,11 @@ from scripts.wsi.tiling import TilingParams, prepare_slide
 logger = logging.getLogger(__name__)
 
 
-def run_stage(bundle_root: str | Path, stage: str, overrides: Mapping[str, Any]) -> Any:
-    """Parse ``configs/<stage>.yaml`` with ``overrides`` and return the value of its ``<stage>`` key."""
-    config = Path(bundle_root) / "configs" / f"{stage}.yaml"
-    if not config.is_file():
-        raise BundleInputError(config, f"stage config for '{stage}' not found", "run from the bundle root or pass --bundle_root")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    for key, value in overrides.items():
-        parser[key] = value
-    logger.info("stage '%s' (%s)", stage, config)
-    return parser.get_parsed_content(stage, lazy=True)
+def pipeline_entries(records: Sequence[SlideRecord], prepare: Callable, extract: Callable, cluster: Callable) -> list:
+    """Clustered feature-store entries of ``records`` through the config's stage callables (e.g. an external
+    test manifest in ``run evaluate``): ``cluster(extract(**prepare(records)))``."""
+    tiles = prepare(records)
+    return cluster(extract(tiles["records"], tiles["tiles"]))
 
 
 def cohort_records(

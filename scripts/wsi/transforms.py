@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms for multi-scale patch reading (declared in configs/extract.yaml)."""
+"""MONAI dictionary transforms for multi-scale patch reading (declared in the pipeline config, configs/train.yaml)."""
 
 from __future__ import annotations
 

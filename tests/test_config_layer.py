@@ -1,0 +1,173 @@
+"""The config layer: one pipeline config parsed once per command, ids declared once, overrides that reach every
+stage, commands that run from any folder (and from the Model Zoo's layout), outputs unchanged by the redesign."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from golden_outputs import GOLDEN, fingerprints
+from scripts.workflows.pipeline_config import PIPELINE_CONFIG, pipeline_parser
+
+STAGES = ["prepare", "pretrain", "extract", "cluster", "inference", "evaluate", "deploy"]
+
+
+def test_every_stage_config_is_the_pipeline_config():
+    for stage in STAGES:
+        path = ROOT / "configs" / f"{stage}.yaml"
+        assert path.is_symlink() and path.resolve() == PIPELINE_CONFIG.resolve(), stage
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    for run_id in ["prepare", "pretrain", "extract", "cluster", "training", "inference", "evaluate", "export", "run"]:
+        assert run_id in raw, run_id
+
+
+def test_no_macros_no_nested_parsers():
+    text = PIPELINE_CONFIG.read_text()
+    assert '"%' not in text and "run_stage" not in text and "stage_overrides" not in text
+    for overlay in ["cohort", "multi_gpu_extract", "multi_gpu_pretrain", "multi_gpu_train"]:
+        assert '"%' not in (ROOT / "configs" / f"{overlay}.yaml").read_text()
+
+
+def test_each_tunable_is_declared_once_at_top_level():
+    """Flat ids are top-level keys once (YAML refuses duplicates); no tunable is re-declared inside a section."""
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    nested = set()
+
+    def walk(node, top):
+        if isinstance(node, dict):
+            loader = str(node.get("_target_", "")).endswith("DataLoader")  # its batch_size / num_workers are its own
+            for k, v in node.items():
+                if not top and not loader and isinstance(v, (int, float, str)) and not str(v).startswith(("@", "$")) and k in raw and k != "_target_":
+                    nested.add(k)
+                walk(v, False)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, False)
+
+    walk(raw, True)
+    assert not nested, f"tunables with a literal value again inside a section: {sorted(nested)}"
+
+
+def test_a_flat_override_reaches_every_stage_that_uses_it():
+    p = pipeline_parser({"patch_size": 128, "scales_mpp": [0.5, 2.0]})
+    assert p.get_parsed_content("tiling").patch_size == 128
+    resize = [t for t in p.get_parsed_content("preprocessing").transforms if type(t).__name__ == "Resized"][0]
+    assert tuple(resize.resizer.spatial_size) == (128, 128)
+    assert p.get_parsed_content("pretrain_transform")(2.0).transforms[0].patch_size == 128
+    assert p.get_parsed_content("scale_keys") == ["scale_0", "scale_1"]
+    settings = p.get_parsed_content("deploy_settings")
+    assert settings["patch_size"] == 128 and settings["tiling"]["patch_size"] == 128 and settings["cluster_scale_index"] == 1
+    assert p.get_parsed_content("eval_train_ids")["scales_mpp"] == [0.5, 2.0]
+
+
+def test_evaluation_runs_inherit_the_commands_training_ids():
+    p = pipeline_parser({"max_epochs": 3, "learning_rate": 0.01, "bag_per_cluster": 4})
+    ids = p.get_parsed_content("eval_train_ids")
+    assert ids["max_epochs"] == 3 and ids["learning_rate"] == 0.01 and ids["bag_per_cluster"] == 4
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    assert set(ids) <= set(raw)  # every inherited id is a declared tunable
+
+
+@pytest.mark.slow
+def test_demo_features_and_model_unchanged(trained):
+    """The tiny demo's features and trained model are bit-identical to those of the config layer before 0.12.0."""
+    golden = json.loads(GOLDEN.read_text())
+    now = fingerprints(trained)
+    assert now["features"] == golden["features"], "features changed: regenerate tests/data only if intended (tests/golden_outputs.py)"
+    assert now["model"] == golden["model"], "model.pt changed: regenerate tests/data only if intended (tests/golden_outputs.py)"
+
+
+_COUNT_READS = (
+    "import collections, json, runpy, sys\n"
+    "from monai.bundle.config_parser import ConfigParser\n"
+    "reads = collections.Counter()\n"
+    "_load = ConfigParser.load_config_file.__func__\n"
+    "def load(cls, filepath, **kw):\n"
+    "    reads[str(filepath)] += 1\n"
+    "    return _load(cls, filepath, **kw)\n"
+    "ConfigParser.load_config_file = classmethod(load)\n"
+    "sys.argv = ['monai.bundle'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('monai.bundle', run_name='__main__')\n"
+    "finally:\n    print('CONFIG_READS', json.dumps(reads), 'MODULES', json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+)
+
+
+def _run_from(cwd: Path, *args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", prelude + _COUNT_READS, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _reads_and_modules(r: subprocess.CompletedProcess) -> tuple[dict, list]:
+    line = [x for x in r.stderr.splitlines() if x.startswith("CONFIG_READS")][-1]
+    reads, modules = line[len("CONFIG_READS "):].split(" MODULES ")
+    return json.loads(reads), json.loads(modules)
+
+
+@pytest.mark.slow
+def test_inference_from_another_folder_reads_each_config_once(trained, cmu_svs, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "pred"
+    r = _run_from(elsewhere, "run", "inference", "--config_file", str(ROOT / "configs" / "inference.yaml"), "--bundle_root", str(ROOT),
+                  "--input", str(cmu_svs), "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--num_bags", "5",
+                  "--cache_dir", str(tmp_path / "cache"), "--progress", "False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [row["slide_id"] for row in rows] == ["CMU-1-Small-Region"]
+    reads, _ = _reads_and_modules(r)
+    assert reads and max(reads.values()) == 1, reads
+    assert sum(v for k, v in reads.items() if k.endswith(".yaml")) == 1, reads
+    assert not (elsewhere / "outputs").exists() and not list(elsewhere.iterdir())  # nothing written into the CWD
+
+
+@pytest.mark.slow
+def test_a_runtime_install_never_imports_mlflow_or_the_deploy_sdk(trained, cmu_svs, tmp_path):
+    """With mlflow and the Deploy SDK made unimportable (as in a runtime install), inference still runs."""
+    block = "import sys\nfor m in ('mlflow', 'holoscan', 'monai.deploy'):\n    sys.modules[m] = None\n"
+    r = _run_from(ROOT, "run", "inference", "--config_file", "configs/inference.yaml", "--input", str(cmu_svs),
+                  "--output_dir", str(tmp_path / "pred"), "--ckpt_dir", str(trained / "models"), "--num_bags", "5",
+                  "--cache_dir", str(tmp_path / "cache"), "--progress", "False", prelude=block)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, modules = _reads_and_modules(r)
+    assert not [m for m in modules if m.startswith(("mlflow.", "holoscan.", "monai.deploy."))]
+
+
+@pytest.mark.slow
+def test_model_zoo_checks_in_the_zoo_layout(trained, tmp_path, meta_schema):
+    """The Model Zoo's ci/verify_bundle.py (full mode) steps, run from the zoo root on models/csmil_bundle."""
+    zoo = tmp_path / "zoo"
+    bundle = zoo / "models" / "csmil_bundle"
+    top = {".git", "outputs", "data", "models", "tests", ".pytest_cache"}
+    shutil.copytree(ROOT, bundle, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in top) or n == "__pycache__"])
+    (bundle / "models").mkdir()
+    shutil.copy(trained / "models" / "model.pt", bundle / "models" / "model.pt")
+    (bundle / "eval").mkdir()
+    shutil.copy(meta_schema, bundle / "eval" / "schema.json")
+    rel = "models/csmil_bundle"
+    checks = (
+        "import sys\n"
+        f"sys.path.insert(0, {rel!r})\n"
+        "from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out\n"
+        f"b = {rel!r}\n"
+        "verify_metadata(meta_file=b + '/configs/metadata.json', filepath=b + '/eval/schema.json')\n"
+        "verify_net_in_out(net_id='network_def', meta_file=b + '/configs/metadata.json', config_file=b + '/configs/inference.yaml', bundle_root=b)\n"
+        "ckpt_export(net_id='network_def', filepath=b + '/models/verify_model.ts', ckpt_file=b + '/models/model.pt',\n"
+        "            meta_file=b + '/configs/metadata.json', config_file=b + '/configs/inference.yaml', bundle_root=b)\n"
+        "w = create_workflow(workflow_type='inference', bundle_root=b, config_file=b + '/configs/inference.yaml',\n"
+        "                    logging_file=b + '/configs/logging.conf', meta_file=b + '/configs/metadata.json')\n"
+        "assert not w.check_properties(), w.check_properties()\n"
+        "print('ZOO CHECKS PASSED')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", checks], cwd=zoo, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0 and "ZOO CHECKS PASSED" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert (bundle / "models" / "verify_model.ts").is_file()
