@@ -157,7 +157,8 @@ def write_slide_outputs(
     slide_mpp = float(tiles_meta["mpp"])
     coords = entry.coords().astype(np.float64)
     norm = export.normalise_per_scale(pred.attention)
-    footprint = 256 * min(scales_mpp) / slide_mpp  # the 20x patch square, level-0 px
+    patch_size = int(tiles_meta["tiling"]["patch_size"])  # as the slide was tiled (the config's patch_size)
+    footprint = patch_size * min(scales_mpp) / slide_mpp  # the finest scale's patch square, level-0 px
     sdir = out / entry.slide_id
     sdir.mkdir(parents=True, exist_ok=True)
     with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp) as slide:
