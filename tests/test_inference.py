@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from scripts.inference.predict import full_bag, localisation_auroc
+from scripts.inference.outputs import localisation_auroc
+from scripts.inference.predict import full_bag
 from scripts.maps.export import colormap, normalise_per_scale, rasterise, write_geojson
 
 SCALES = ["20x", "10x", "5x"]

@@ -22,7 +22,7 @@ from scripts.deploy.runtime import DeployModels
 from scripts.features.clustering import cluster_cohort
 from scripts.features.extraction import extract_cohort
 from scripts.inference.inputs import input_records
-from scripts.inference.predict import write_cohort_outputs, write_slide_outputs
+from scripts.inference.outputs import write_cohort_outputs, write_slide_outputs
 from scripts.inference.workflow import SlideInferer
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tiling import prepare_slide

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from scripts.cache import stable_hash
 from scripts.config_values import as_bool
 from scripts.features.store import FeatureEntry
-from scripts.inference.predict import bag_probability, entry_localisation, load_network, patch_attention, scale_name
+from scripts.inference.outputs import entry_localisation
+from scripts.inference.predict import bag_probability, load_network, patch_attention, scale_name
 from scripts.mil.baselines import MODELS
 from scripts.workflows.splits import protocol_splits
 

@@ -1,29 +1,22 @@
 """Slide predictions (mean probability over random bags, the paper's test protocol) and attention of every
-patch at every scale (one pass over all of a slide's patches, grouped by cluster)."""
+patch at every scale (one pass over all of a slide's patches, grouped by cluster). Writing the maps and
+tables of a prediction is :mod:`scripts.inference.outputs`."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-from scripts.cache import atomic_write_bytes, atomic_write_json, stable_hash
+from scripts.cache import stable_hash
 from scripts.errors import BundleInputError
 from scripts.features.encoders import check_state_matches
 from scripts.features.store import FeatureEntry
-from scripts.maps import export
 from scripts.mil.bags import gather_bag, sample_bag
-from scripts.wsi.slide import SlideReader
 
 logger = logging.getLogger(__name__)
 
@@ -112,110 +105,6 @@ def predict_entry(
     return SlidePrediction(entry.slide_id, probability, attention, scale, time.perf_counter() - t0)
 
 
-def localisation_auroc(coords: np.ndarray, attention: np.ndarray, mask: np.ndarray, mask_mpp: float, slide_mpp: float) -> list[float | None]:
-    """Per scale: AUROC of patch attention against 'patch centre inside the lesion mask' (None if one class)."""
-    from sklearn.metrics import roc_auc_score
-
-    f = slide_mpp / mask_mpp
-    mx = np.clip((coords[:, 0] * f).astype(int), 0, mask.shape[1] - 1)
-    my = np.clip((coords[:, 1] * f).astype(int), 0, mask.shape[0] - 1)
-    y = mask[my, mx] > 0
-    if y.all() or not y.any():
-        return [None] * attention.shape[1]
-    return [float(roc_auc_score(y, attention[:, s])) for s in range(attention.shape[1])]
-
-
-def entry_localisation(entry: FeatureEntry, attention: np.ndarray, masks: Path | None, lesion_mask_mpp: float = 8.0) -> list[float | None] | None:
-    """Per-scale localisation AUROC of ``attention`` [N, S] against ``masks/<slide_id>.png`` (None without a mask)."""
-    mask_file = masks / f"{entry.slide_id}.png" if masks else None
-    if mask_file is None or not mask_file.is_file():
-        return None
-    slide_mpp = float(json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())["mpp"])
-    return localisation_auroc(entry.coords().astype(np.float64), attention, np.asarray(Image.open(mask_file)), lesion_mask_mpp, slide_mpp)
-
-
 def scale_name(mpp: float) -> str:
     """Conventional magnification of a resolution: 0.5 µm/px -> '20x', 1 -> '10x', 2 -> '5x'."""
     return f"{10.0 / float(mpp):g}x"
-
-
-def _masks_dir(input_path, dataset_dir) -> Path | None:
-    if input_path is None:
-        return Path(dataset_dir) / "masks"
-    p = Path(input_path)
-    return (p if p.is_dir() else p.parent) / "masks"
-
-
-def write_slide_outputs(
-    entry: FeatureEntry, pred: SlidePrediction, out: Path, scales_mpp: Sequence[float], threshold: float = 0.5,
-    masks: Path | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0,
-) -> dict:
-    """Per-scale PNG overlays, scale composite, QuPath GeoJSON, pyramidal TIFF heatmaps and ``prediction.json``
-    of one slide in ``out/<slide_id>/``; returns its ``predictions.csv`` row."""
-    names = [scale_name(m) for m in scales_mpp]
-    tiles_meta = json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())
-    slide_mpp = float(tiles_meta["mpp"])
-    coords = entry.coords().astype(np.float64)
-    norm = export.normalise_per_scale(pred.attention)
-    patch_size = int(tiles_meta["tiling"]["patch_size"])  # as the slide was tiled (the config's patch_size)
-    footprint = patch_size * min(scales_mpp) / slide_mpp  # the finest scale's patch square, level-0 px
-    sdir = out / entry.slide_id
-    sdir.mkdir(parents=True, exist_ok=True)
-    with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp) as slide:
-        thumb = slide.thumbnail(overlay_mpp)
-    thumb_scale = slide.size[1] / thumb.shape[1]
-    heats = [export.rasterise(coords, norm[:, s], footprint, thumb.shape[:2], thumb_scale) for s in range(len(names))]
-    for name, heat in zip(names, heats):
-        export.save_png(sdir / f"attention_{name}.png", export.overlay(thumb, heat))
-    export.save_png(sdir / "attention_scales.png", export.scale_composite(thumb, heats))
-    measurements = {f"attention {n}": norm[:, s] for s, n in enumerate(names)}
-    measurements.update({f"scale weight {n}": pred.scale_weights[:, s] for s, n in enumerate(names)})
-    export.write_geojson(sdir / "attention.geojson", coords, footprint, measurements)
-    h, w = tiles_meta["level_dims"][0]
-    heat_scale = heatmap_mpp / slide_mpp
-    hshape = (max(1, int(np.ceil(h / heat_scale))), max(1, int(np.ceil(w / heat_scale))))
-    for s, name in enumerate(names):
-        heat = export.rasterise(coords, norm[:, s], footprint, hshape, heat_scale)
-        export.write_heatmap_tiff(sdir / f"attention_{name}.tif", heat, heatmap_mpp)
-    row = {
-        "slide_id": entry.slide_id,
-        "probability": round(pred.probability, 6),
-        "label": int(pred.probability >= threshold),
-        "true_label": int(entry.meta.get("label", -1)),
-        "num_patches": entry.num_patches,
-        "predict_seconds": round(pred.seconds, 3),
-    }
-    aurocs = entry_localisation(entry, pred.attention, masks, lesion_mask_mpp)
-    if aurocs is not None:
-        row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
-    atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
-    return row
-
-
-def write_cohort_outputs(rows: list[dict], out: Path, scales_mpp: Sequence[float]) -> None:
-    """``predictions.csv`` and, when lesion masks were found, ``localisation.json``."""
-    _write_csv(out / "predictions.csv", rows)
-    _log_localisation(rows, [scale_name(m) for m in scales_mpp], out)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def _log_localisation(rows: list[dict], names: list[str], out: Path) -> None:
-    summary = {}
-    for n in names:
-        vals = [r[f"localisation_auroc_{n}"] for r in rows if r.get(f"localisation_auroc_{n}") not in (None, "")]
-        if vals:
-            summary[n] = {"mean_auroc": float(np.mean(vals)), "slides": len(vals)}
-    if summary:
-        atomic_write_json(out / "localisation.json", summary)
-        logger.info("attention localisation AUROC vs lesion masks: %s",
-                    ", ".join(f"{n} {v['mean_auroc']:.3f} ({v['slides']} slides)" for n, v in summary.items()))

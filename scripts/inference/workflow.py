@@ -12,7 +12,8 @@ from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 
 from scripts.features.store import FeatureEntry
-from scripts.inference.predict import SlidePrediction, _masks_dir, predict_entry, write_cohort_outputs, write_slide_outputs
+from scripts.inference.outputs import masks_dir, write_cohort_outputs, write_slide_outputs
+from scripts.inference.predict import SlidePrediction, predict_entry
 
 
 def entry_items(entries: Sequence[FeatureEntry]) -> list[dict]:
@@ -50,7 +51,7 @@ class SlideOutputWriter:
                  dataset_dir: str | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0) -> None:
         self.out = Path(output_dir)
         self.scales_mpp = list(scales_mpp)
-        self.kw = dict(threshold=threshold, masks=_masks_dir(input_path, dataset_dir), lesion_mask_mpp=lesion_mask_mpp,
+        self.kw = dict(threshold=threshold, masks=masks_dir(input_path, dataset_dir), lesion_mask_mpp=lesion_mask_mpp,
                        heatmap_mpp=heatmap_mpp, overlay_mpp=overlay_mpp)
         self.rows: list[dict] = []
 
