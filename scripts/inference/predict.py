@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.cache import stable_hash
 from scripts.errors import BundleInputError
 from scripts.features.encoders import check_state_matches
 from scripts.features.store import FeatureEntry
-from scripts.mil.bags import gather_bag, sample_bag
+from scripts.mil.bags import gather_bag, slide_bags
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +59,16 @@ def bag_probability(
     network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, per_cluster: int, num_bags: int = 100,
     replacement: bool = False, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 25,
 ) -> float:
-    """Mean probability of class 1 over ``num_bags`` random bags, seeded by ``(seed, slide id)`` (the paper's
-    test protocol); bags go through the network ``chunk`` at a time."""
+    """Mean probability of class 1 over the slide's ``num_bags`` fixed bags (:func:`scripts.mil.bags.slide_bags`,
+    the paper's test protocol, the same bags as validation); bags go through the network ``chunk`` at a time."""
     feats, clusters = entry.features(), entry.clusters()
     if clusters is None:
         raise BundleInputError(entry.path, "feature entry has no clusters", "run the cluster stage")
-    rng = np.random.default_rng([seed, int(stable_hash(entry.slide_id, 8), 16)])
+    idx, mask = slide_bags(clusters, entry.slide_id, num_clusters, per_cluster, num_bags, replacement, seed)
     probs = []
     for start in range(0, num_bags, chunk):
-        bags = [sample_bag(clusters, num_clusters, per_cluster, rng, replacement) for _ in range(min(chunk, num_bags - start))]
-        x = torch.stack([gather_bag(feats, i) for i, _ in bags]).to(device)
-        m = torch.stack([torch.from_numpy(mk) for _, mk in bags]).to(device)
+        x = torch.stack([gather_bag(feats, i) for i in idx[start:start + chunk]]).to(device)
+        m = torch.from_numpy(mask[start:start + chunk]).to(device)
         probs.append(torch.softmax(network(x, m).float(), -1)[:, 1].cpu())
     return float(torch.cat(probs).mean())
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scripts.cache import stable_hash
 from scripts.errors import BundleInputError
 from scripts.features.store import FeatureEntry
 
@@ -32,6 +33,20 @@ def sample_bag(
             pick = rng.permutation(members)[:per_cluster]
         idx[k * per_cluster : k * per_cluster + len(pick)] = pick
     return idx, idx >= 0
+
+
+def slide_bags(
+    clusters: np.ndarray, slide_id: str, num_clusters: int, per_cluster: int, num_bags: int, replacement: bool = False,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed evaluation bags of one slide: indices [R, K*M] and mask [R, K*M].
+
+    The one bag ensemble of the bundle (validation, inference, the evaluation protocol, the Deploy app): bags
+    are a pure function of ``(seed, slide id)``, so a slide gets the same bags whatever else is in the run.
+    """
+    rng = np.random.default_rng([int(seed), int(stable_hash(slide_id, 8), 16)])
+    bags = [sample_bag(clusters, num_clusters, per_cluster, rng, replacement) for _ in range(int(num_bags))]
+    return np.stack([i for i, _ in bags]), np.stack([m for _, m in bags])
 
 
 def gather_bag(features: np.ndarray, idx: np.ndarray) -> torch.Tensor:
@@ -111,10 +126,8 @@ class BagDataset(Dataset):
 
 
 class SlideBagsDataset(Dataset):
-    """Evaluation: one item per slide holding ``num_bags`` fixed bags: image [R, S, K*M, D], mask [R, K*M].
-
-    Bags are a pure function of ``(seed, slide index)``, so every evaluation sees the same bags.
-    """
+    """Evaluation: one item per slide holding its ``num_bags`` fixed bags (:func:`slide_bags`): image
+    [R, S, K*M, D], mask [R, K*M]."""
 
     def __init__(
         self,
@@ -133,11 +146,11 @@ class SlideBagsDataset(Dataset):
         return len(self.cache.entries)
 
     def __getitem__(self, si: int) -> dict:
-        rng = np.random.default_rng([self.seed, si])
-        bags = [sample_bag(self.cache.clusters[si], self.k, self.m, rng, self.replacement) for _ in range(self.r)]
+        idx, mask = slide_bags(self.cache.clusters[si], self.cache.entries[si].slide_id, self.k, self.m, self.r,
+                               self.replacement, self.seed)
         return {
-            "image": torch.stack([gather_bag(self.cache.features[si], idx) for idx, _ in bags]),
-            "mask": torch.stack([torch.from_numpy(m) for _, m in bags]),
+            "image": torch.stack([gather_bag(self.cache.features[si], i) for i in idx]),
+            "mask": torch.from_numpy(mask),
             "label": torch.tensor(self.cache.labels[si]),
             "slide_index": si,
         }

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from scripts.mil.fusion import CriticalInstancePooling, JointScaleMIL, cluster_mass
-from scripts.mil.networks import CSMIL, masked_softmax
+from scripts.mil.networks import CSMIL, AttentionScore, attention_pool
 
 
 class GatedScore(nn.Module):
@@ -32,17 +32,6 @@ class GatedScore(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
-
-
-class PlainScore(nn.Module):
-    """Attention score ``w^T tanh(V h)``."""
-
-    def __init__(self, hidden: int, attn_hidden: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h).squeeze(-1)
 
 
 def _combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +68,9 @@ class AttentionMIL(nn.Module):
         self.register_buffer("input_std", torch.ones(in_features))
         d = in_features * (num_scales if scale_mode == "concat" else 1)
         self.encoder = nn.Sequential(nn.Linear(d, hidden), nn.ReLU())
-        score = GatedScore if gated else PlainScore
-        self.instance_attention = score(hidden, attn_hidden)
-        self.cluster_attention = score(hidden, attn_hidden)
+        # the same score module as CS-MIL's pooling (w^T tanh(V h)), or the gated one
+        self.instance_attention = GatedScore(hidden, attn_hidden) if gated else AttentionScore(hidden, attn_hidden, "tanh")
+        self.cluster_attention = GatedScore(hidden, attn_hidden) if gated else AttentionScore(hidden, attn_hidden, "tanh")
         self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
 
     set_input_stats = CSMIL.set_input_stats
@@ -95,13 +84,10 @@ class AttentionMIL(nn.Module):
         if self.hierarchical:
             k = self.num_clusters
             hk, mk = h.reshape(b, k, -1, h.shape[-1]), imask.reshape(b, k, -1)
-            a = masked_softmax(self.instance_attention(hk), mk, dim=-1)
-            clusters = (a.unsqueeze(-1) * hk).sum(dim=2)
-            c = masked_softmax(self.cluster_attention(clusters), mk.any(dim=-1), dim=-1)
-            slide = (c.unsqueeze(-1) * clusters).sum(dim=1)
+            _, clusters = attention_pool(hk, self.instance_attention(hk), mk)
+            _, slide = attention_pool(clusters, self.cluster_attention(clusters), mk.any(dim=-1))
         else:
-            a = masked_softmax(self.instance_attention(h), imask, dim=-1)
-            slide = (a.unsqueeze(-1) * h).sum(dim=1)
+            _, slide = attention_pool(h, self.instance_attention(h), imask)
         return self.head(slide)
 
 

@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from scripts.mil.networks import CSMIL, AttentionScore, masked_softmax
+from scripts.mil.networks import CSMIL, AttentionScore, attention_pool, masked_softmax
 
 
 def cluster_mass(weights: torch.Tensor, num_clusters: int) -> torch.Tensor:
@@ -90,10 +90,8 @@ class HierarchicalAttentionPooling(nn.Module):
         if n % k != 0:
             raise ValueError(f"bag slots ({n}) must be a multiple of num_clusters ({k})")
         fk, mk = f.reshape(b, k, n // k, -1), mask.reshape(b, k, n // k)
-        a_inst = masked_softmax(self.instance_attention(fk), mk, dim=-1)
-        clusters = (a_inst.unsqueeze(-1) * fk).sum(dim=2)
-        a_clu = masked_softmax(self.cluster_attention(clusters), mk.any(dim=-1), dim=-1)
-        slide = (a_clu.unsqueeze(-1) * clusters).sum(dim=1)
+        a_inst, clusters = attention_pool(fk, self.instance_attention(fk), mk)
+        a_clu, slide = attention_pool(clusters, self.cluster_attention(clusters), mk.any(dim=-1))
         return self.head(slide), (a_inst * a_clu.unsqueeze(-1)).reshape(b, n), a_clu
 
 

@@ -28,6 +28,15 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.
     return w / w.sum(dim=dim, keepdim=True).clamp_min(1e-12)
 
 
+def attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention pooling over the last-but-one axis: ``values`` [..., N, H], ``scores`` and ``mask`` [..., N] ->
+    weights [..., N] (masked softmax) and the weighted sum [..., H]. The one pooling step of CS-MIL, the
+    attention baselines and the fusion ablation (hierarchical pooling applies it inside clusters, then over them).
+    """
+    w = masked_softmax(scores, mask, dim=-1)
+    return w, (w.unsqueeze(-1) * values).sum(dim=-2)
+
+
 class AttentionScore(nn.Module):
     """``w^T act(V h)``: hidden -> attn_hidden -> 1 score per instance."""
 
@@ -158,16 +167,12 @@ class CSMIL(nn.Module):
                 raise ValueError(f"bag slots ({n}) must be a multiple of num_clusters ({k})")
             fk = f.reshape(b, k, n // k, -1)
             mk = mask.reshape(b, k, n // k)
-            a_inst = masked_softmax(self.instance_attention(fk), mk, dim=-1)  # [B, K, M]
-            cluster_emb = (a_inst.unsqueeze(-1) * fk).sum(dim=2)  # [B, K, H]
-            cmask = mk.any(dim=-1)
-            a_clu = masked_softmax(self.cluster_attention(cluster_emb), cmask, dim=-1)  # [B, K]
-            slide = (a_clu.unsqueeze(-1) * cluster_emb).sum(dim=1)
+            a_inst, cluster_emb = attention_pool(fk, self.instance_attention(fk), mk)  # [B, K, M], [B, K, H]
+            a_clu, slide = attention_pool(cluster_emb, self.cluster_attention(cluster_emb), mk.any(dim=-1))  # [B, K]
             patch = (a_inst * a_clu.unsqueeze(-1)).reshape(b, n)
             a_inst = a_inst.reshape(b, n)
         else:
-            a_inst = masked_softmax(self.instance_attention(f), mask, dim=-1)  # [B, N]
-            slide = (a_inst.unsqueeze(-1) * f).sum(dim=1)
+            a_inst, slide = attention_pool(f, self.instance_attention(f), mask)  # [B, N]
             a_clu = torch.ones(b, self.num_clusters, device=x.device, dtype=x.dtype) / self.num_clusters
             patch = a_inst
         logits = self.head(slide)
