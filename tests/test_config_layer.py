@@ -171,3 +171,18 @@ def test_model_zoo_checks_in_the_zoo_layout(trained, tmp_path, meta_schema):
                        env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0 and "ZOO CHECKS PASSED" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert (bundle / "models" / "verify_model.ts").is_file()
+
+
+def test_preprocessing_signature_is_derived_from_the_transforms():
+    from scripts.features.extraction import transform_signature
+
+    base = transform_signature(pipeline_parser().get_parsed_content("preprocessing"))
+    assert base == transform_signature(pipeline_parser().get_parsed_content("preprocessing"))  # deterministic
+    types = [t["type"].rsplit(".", 1)[1] for t in base["transforms"]]
+    assert types == ["LoadMultiScaleRegiond", "Resized", "ScaleIntensityRanged", "NormalizeIntensityd", "EnsureTyped"]
+    for override in [{"normalize_mean": [0.5, 0.5, 0.5]}, {"patch_size": 224}]:
+        assert transform_signature(pipeline_parser(override).get_parsed_content("preprocessing")) != base, override
+    p = pipeline_parser()
+    p["preprocessing"]["transforms"][3]["divisor"] = [1.0, 1.0, 1.0]  # an edit of the chain itself
+    assert transform_signature(p.get_parsed_content("preprocessing")) != base
+    assert pipeline_parser().get_parsed_content("deploy_settings")["preprocessing_signature"] == base

@@ -112,3 +112,44 @@ def test_bag_ensemble_inferer_averages_probabilities():
     out = BagEnsembleInferer()(x, net, mask=mask)
     probs = torch.softmax(net(x.reshape(6, S, K * M, D)), -1).reshape(2, 3, 2).mean(1)
     torch.testing.assert_close(out.exp(), probs)
+
+
+def test_one_bag_ensemble_for_validation_inference_and_evaluation(tmp_path):
+    """Validation (SlideBagsDataset) and inference / evaluation / Deploy (bag_probability) see the same bags of a
+    slide, whatever its position among the other slides."""
+    from feature_cohort import cross_scale_cohort
+    from scripts.inference.predict import bag_probability
+    from scripts.mil.bags import SlideBagsDataset, slide_bags
+    from scripts.mil.engine import BagEnsembleInferer
+
+    entries = cross_scale_cohort(tmp_path / "store", num_patients=4)
+    forward = SlideBagsDataset(entries, num_clusters=4, per_cluster=3, num_bags=5, seed=7)
+    backward = SlideBagsDataset(entries[::-1], num_clusters=4, per_cluster=3, num_bags=5, seed=7)
+    e = entries[0]
+    a, b = forward[0], backward[len(entries) - 1]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    idx, mask = slide_bags(e.clusters(), e.slide_id, 4, 3, 5, seed=7)
+    assert torch.equal(a["mask"], torch.from_numpy(mask)) and idx.shape == (5, 12)
+    assert not np.array_equal(idx, slide_bags(e.clusters(), e.slide_id, 4, 3, 5, seed=8)[0])
+    torch.manual_seed(0)
+    net = CSMIL(in_features=e.features().shape[-1], num_scales=e.features().shape[1], num_clusters=4).eval()
+    with torch.no_grad():
+        val = BagEnsembleInferer()(a["image"][None], net, mask=a["mask"][None]).exp()[0, 1].item()
+    assert bag_probability(net, e, 4, 3, num_bags=5, seed=7, chunk=2) == pytest.approx(val, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["csmil", "deepattnmisl_20x", "gated_attention_multiscale", "csmil_flat", "ablation_attention_pooling"])
+def test_attention_pool_is_the_pooling_of_every_attention_model(name):
+    """Hierarchical pooling through attention_pool: weights sum to 1 in every non-empty cluster and over clusters."""
+    from scripts.mil.baselines import build_model
+    from scripts.mil.networks import attention_pool
+
+    v, s = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3)
+    m = torch.ones(2, 4, 3, dtype=torch.bool)
+    m[0, 1] = False
+    w, pooled = attention_pool(v, s, m)
+    assert torch.allclose(w.sum(-1)[m.any(-1)], torch.ones(7)) and (w[0, 1] == 0).all()
+    assert torch.allclose(pooled, (w.unsqueeze(-1) * v).sum(-2))
+    net = build_model(name, in_features=8, num_scales=3, num_clusters=4).eval()
+    x, mask = torch.randn(1, 3, 12, 8), torch.rand(1, 12) > 0.2
+    assert torch.allclose(torch.jit.script(net)(x, mask), net(x, mask), atol=1e-6)

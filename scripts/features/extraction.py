@@ -13,13 +13,14 @@ rank that died), then waits for slides other live processes are still encoding.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,42 @@ def _versions() -> dict:
     import monai
 
     return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
+
+
+def transform_signature(obj: Any) -> Any:
+    """What the store hashes about the patch preprocessing, read from the transforms themselves: each MONAI
+    transform's type and its public settings (sizes, modes, intensity ranges, mean/std, dtypes), recursively
+    through ``Compose`` and wrapped array transforms; runtime state (private attributes, random states, open
+    readers) is left out. Call it before the transform is used."""
+    from monai.transforms import Randomizable, Transform
+
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [transform_signature(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): transform_signature(v) for k, v in obj.items()}
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, (torch.dtype, np.dtype, type)):
+        return str(obj)
+    if isinstance(obj, Transform):
+        out = {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+        for k, v in sorted(vars(obj).items()):
+            if k.startswith("_") or isinstance(v, (np.random.RandomState, np.random.Generator)) or (isinstance(obj, Randomizable) and k == "R"):
+                continue
+            sig = transform_signature(v)
+            if sig is not _SKIP:
+                out[k] = sig
+        return out
+    return _SKIP
+
+
+_SKIP = "<not part of the signature>"
 
 
 def entry_name(slide_id: str, tiles_dir: Path, encoders_sig: list[dict], preprocessing: dict) -> tuple[str, dict]:
@@ -76,7 +113,8 @@ def extract_cohort(
 
     ``stats`` (optional dict) receives ``computed``: the slide ids encoded by this call. With
     ``on_error='skip'`` a slide failing with an input error (e.g. truncated) is left out and recorded in
-    ``<output_dir>/failures.csv``; the entries of the other slides are returned.
+    ``<output_dir>/failures.csv``; the entries of the other slides are returned. ``preprocessing`` (what the store
+    hashes about the patch transforms) defaults to :func:`transform_signature` of ``transform``.
     """
     from scripts.workflows.failures import check_policy
 
@@ -86,7 +124,7 @@ def extract_cohort(
     remove_stale_temporaries(store_dir)
     device = torch.device(device)
     sigs = [encoder_signature(e, encoder_arch) for e in encoders]
-    preprocessing = preprocessing or {}
+    preprocessing = transform_signature(transform) if preprocessing is None else preprocessing
     targets, pending = [], []
     for rec, tdir in zip(records, tiles_dirs):
         name, prov = entry_name(rec.slide_id, Path(tdir), sigs, preprocessing)
