@@ -131,7 +131,7 @@ def case_slide_without_mpp(tmp):
 
 
 def case_slide_absurd_mpp(tmp):
-    _open(_slide(tmp), mpp=50.0)
+    _open(_slide(tmp, mpp=None), mpp=50.0)  # a slide without metadata: the override is used, and implausible
 
 
 def case_scale_finer_than_native(tmp):
@@ -208,6 +208,153 @@ def case_checkpoint_missing(tmp):
     load_network(CSMIL(in_features=128), tmp / "models" / "model.pt")
 
 
+def _validate(**values):
+    from scripts.config_checks import validate
+
+    validate(values)
+
+
+def case_config_out_of_range(tmp):
+    _validate(patch_size=0)
+
+
+def case_config_not_a_number(tmp):
+    _validate(mpp="abc")
+
+
+def case_config_not_a_boolean(tmp):
+    _validate(progress="maybe")
+
+
+def case_config_scales_not_ascending(tmp):
+    _validate(scales_mpp=[2.0, 1.0, 0.5])
+
+
+def case_config_cluster_scale_not_a_scale(tmp):
+    _validate(scales_mpp=[0.5], cluster_scale_mpp=2.0)
+
+
+def case_config_backend_not_installed(tmp):
+    import sys
+
+    saved = sys.modules.get("cucim")
+    sys.modules["cucim"] = None  # as on a CPU install without cuCIM
+    try:
+        _validate(wsi_backend="cucim")
+    finally:
+        if saved is None:
+            sys.modules.pop("cucim", None)
+        else:
+            sys.modules["cucim"] = saved
+
+
+def case_config_device_unavailable(tmp):
+    _validate(device="cuda:99")
+
+
+def case_config_output_dir_is_a_file(tmp):
+    (tmp / "out").write_text("x")
+    _validate(output_dir=str(tmp / "out"))
+
+
+def case_config_output_dir_not_writable(tmp):
+    (tmp / "file").write_text("x")
+    _validate(output_dir=str(tmp / "file" / "out"))  # below a file: cannot be created (root ignores permissions)
+
+
+def case_checkpoint_truncated(tmp):
+    from scripts.inference.predict import load_network
+    from scripts.mil.networks import CSMIL
+
+    net = CSMIL(in_features=16)
+    torch.save(net.state_dict(), tmp / "model.pt")
+    data = (tmp / "model.pt").read_bytes()
+    (tmp / "model.pt").write_bytes(data[: len(data) // 2])
+    load_network(net, tmp / "model.pt")
+
+
+def case_slide_mpp_override_contradicts_metadata(tmp):
+    _open(_slide(tmp, mpp=0.5), mpp=0.25)
+
+
+def case_slide_smaller_than_field(tmp):
+    _prepare(_slide(tmp, size=300))  # 150 µm < 256 px x 2 µm/px
+
+
+def case_slide_grayscale(tmp):
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    grey = ((np.sin(xx / 20.0) * np.cos(yy / 30.0) + 1) * 100).astype(np.uint8)
+    _prepare(write_pyramid(tmp / "grey.tif", np.stack([grey] * 3, -1), mpp=0.5, downsamples=(1, 2), compression="deflate"))
+
+
+def case_slide_tissue_below_min_tissue(tmp):
+    img = np.full((2048, 2048, 3), 243, np.uint8)
+    img[1000:1100, 1000:1100] = (150, 60, 160)  # a 50 µm fragment: far below half of a 128 µm patch
+    _prepare(write_pyramid(tmp / "speck.tif", img, mpp=0.5, downsamples=(1, 2, 4), compression="deflate"), tissue=_speck_tissue())
+
+
+def _speck_tissue():
+    from scripts.wsi.tissue import TissueParams
+
+    return TissueParams(min_area_um2=100.0)
+
+
+def case_slide_other_backend_reads_it(tmp):
+    import tifffile
+
+    img = np.random.default_rng(0).integers(50, 200, (1024, 1024, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp / "plain.tif", img, photometric="rgb")  # a plain (untiled, single-level) TIFF
+    _open(tmp / "plain.tif")
+
+
+def case_cohort_one_class(tmp):
+    from scripts.workflows.splits import train_val_split
+
+    train_val_split(["a", "b", "c", "d"], ["p1", "p2", "p3", "p4"], [1, 1, 1, 1], where=str(tmp / "manifest.csv"))
+
+
+def case_manifest_same_file_twice(tmp):
+    _read(tmp, ["a,p1,s.tif,1", "b,p2,s.tif,0"])
+
+
+def case_manifest_bad_split(tmp):
+    _read(tmp, ["a,p1,s.tif,1,training"], header="slide_id,patient_id,path,label,split")
+
+
+def _contract_checkpoint(tmp):
+    from scripts.mil import contract
+    from scripts.mil.networks import CSMIL
+
+    net = contract.attach(CSMIL(in_features=16, num_clusters=4), contract.make_contract(
+        mil_model="csmil", scales_mpp=[0.5, 1.0, 2.0], patch_size=256, num_clusters=4, cluster_scale_mpp=2.0, encoder_arch="tiny",
+        in_features=16, label_map={"0": 0, "1": 1}))
+    torch.save(net.state_dict(), tmp / "model.pt")
+    return net
+
+
+def case_checkpoint_other_settings(tmp):
+    from scripts.inference.predict import load_network
+    from scripts.mil import contract
+    from scripts.mil.networks import CSMIL
+
+    trained = _contract_checkpoint(tmp)
+    now = dict(trained.csmil_contract, scales_mpp=[0.5, 2.0])
+    load_network(CSMIL(in_features=16, num_clusters=4), tmp / "model.pt", contract=contract.make_contract(
+        **{k: v for k, v in now.items() if k in contract.SETTINGS}))
+
+
+def case_checkpoint_other_encoders(tmp):
+    from types import SimpleNamespace
+
+    from scripts.mil import contract
+
+    net = _contract_checkpoint(tmp)
+    net.csmil_contract["encoders"] = [{"arch": "tiny", "weights_sha": "aaaa"}]
+    net.csmil_contract["preprocessing_hash"] = "p"
+    entry = SimpleNamespace(path=tmp / "e", meta={"encoders": [{"arch": "tiny", "weights_sha": "bbbb"}], "preprocessing": {}})
+    contract.check_features(net, [entry], tmp / "model.pt")
+
+
 #: case -> words the message must contain (besides the fix)
 CASES = {
     "manifest_missing": (case_manifest_missing, "manifest not found"),
@@ -238,6 +385,26 @@ CASES = {
     "checkpoint_mismatch": (case_checkpoint_mismatch, "shape"),
     "checkpoint_missing": (case_checkpoint_missing, "not found"),
     "deploy_model_folder_not_exported": (case_deploy_model_folder_not_exported, "no csmil/model.ts"),
+    "config_out_of_range": (case_config_out_of_range, "an integer in [32, 4096]"),
+    "config_not_a_number": (case_config_not_a_number, "as a number"),
+    "config_not_a_boolean": (case_config_not_a_boolean, "True or False"),
+    "config_scales_not_ascending": (case_config_scales_not_ascending, "ascending"),
+    "config_cluster_scale_not_a_scale": (case_config_cluster_scale_not_a_scale, "is not one of scales_mpp"),
+    "config_backend_not_installed": (case_config_backend_not_installed, "cannot be imported"),
+    "config_device_unavailable": (case_config_device_unavailable, "cuda"),
+    "config_output_dir_is_a_file": (case_config_output_dir_is_a_file, "existing file"),
+    "config_output_dir_not_writable": (case_config_output_dir_not_writable, "cannot be written"),
+    "checkpoint_truncated": (case_checkpoint_truncated, "cannot be read as a model checkpoint"),
+    "slide_mpp_override_contradicts_metadata": (case_slide_mpp_override_contradicts_metadata, "metadata says 0.5"),
+    "slide_smaller_than_field": (case_slide_smaller_than_field, "smaller than the coarsest scale"),
+    "slide_grayscale": (case_slide_grayscale, "no colour"),
+    "slide_tissue_below_min_tissue": (case_slide_tissue_below_min_tissue, "no patch has"),
+    "slide_other_backend_reads_it": (case_slide_other_backend_reads_it, "cannot be opened"),
+    "cohort_one_class": (case_cohort_one_class, "both classes"),
+    "manifest_same_file_twice": (case_manifest_same_file_twice, "already listed"),
+    "manifest_bad_split": (case_manifest_bad_split, "is not one of"),
+    "checkpoint_other_settings": (case_checkpoint_other_settings, "trained with scales_mpp = [0.5,1,2]"),
+    "checkpoint_other_encoders": (case_checkpoint_other_encoders, "features of encoders"),
 }
 
 

@@ -4,6 +4,7 @@ stage, commands that run from any folder (and from the Model Zoo's layout), outp
 from __future__ import annotations
 
 import csv
+import re
 import json
 import os
 import shutil
@@ -186,3 +187,73 @@ def test_preprocessing_signature_is_derived_from_the_transforms():
     p["preprocessing"]["transforms"][3]["divisor"] = [1.0, 1.0, 1.0]  # an edit of the chain itself
     assert transform_signature(p.get_parsed_content("preprocessing")) != base
     assert pipeline_parser().get_parsed_content("deploy_settings")["preprocessing_signature"] == base
+
+
+def test_every_tunable_has_a_rule_and_is_checked():
+    from scripts.config_checks import RULES, rules_table
+
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    assert set(raw["checked_ids"]) == set(RULES)
+    assert all(v == f"@{k}" for k, v in raw["checked_ids"].items())
+    tunables = {k for k, v in raw.items() if (isinstance(v, (int, float, str, type(None))) or
+                                             (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)))
+                and not str(v).startswith(("$", "@", "%"))
+                and k not in ("bundle_root", "input", "label_map", "imports", "eval_models", "ablation_models", "ablation_values",
+                              "ablation_id", "eval_test_manifest", "mil_model", "encoder_arch", "encoder_weights_prefix",
+                              "normalize_mean", "normalize_std", "demo_options", "train_overrides", "encoder_weights", "training")}
+    assert tunables <= set(RULES), sorted(tunables - set(RULES))
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    assert rules_table() in docs  # the documented table is the code's
+
+
+def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
+    from scripts.config_checks import validate
+    from scripts.errors import BundleInputError
+
+    p = pipeline_parser({"output_dir": str(tmp_path / "out")})
+    assert p.get_parsed_content("validated") is True
+    assert (tmp_path / "out").is_dir() and not [f for f in (tmp_path / "out").rglob("*") if f.is_file()]  # created, probes removed
+    for bad, words in [({"patch_size": 8}, "[32, 4096]"), ({"val_fraction": 0.0}, "(0, 1]"), ({"num_workers": -1}, ">= 0"),
+                       ({"learning_rate": 0}, "> 0"), ({"max_epochs": 2.5}, "integer"), ({"min_tissue": 2}, "[0, 1]"),
+                       ({"on_error": "ignore"}, "raise"), ({"device": "tpu"}, "cpu, cuda"), ({"scales_mpp": []}, "non-empty"),
+                       ({"scales_mpp": [0.5, 1.0], "pretrain_scales_mpp": [2.0]}, "subset"), ({"mpp": True}, "number")]:
+        with pytest.raises(BundleInputError, match=re.escape(words)):
+            validate(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,args", [("prepare", ["--patch_size", "0"]), ("inference", ["--num_bags", "0"]),
+                                        ("training", ["--scales_mpp", "[0.5]"]), ("export", ["--device", "cuda:7"])])
+def test_each_stage_checks_settings_first(stage, args, tmp_path):
+    config = {"export": "deploy", "training": "train"}.get(stage, stage)
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", stage, "--config_file", f"configs/{config}.yaml",
+                        "--dataset_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"), *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.strip().splitlines() if not x.lstrip().startswith(("warnings.warn", "/")) and "Warning" not in x]
+    assert lines[-1].startswith("error: --") and "Fix:" in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "nowhere").exists()  # nothing was generated before the check
+
+
+def test_checkpoint_contract_round_trip_and_old_checkpoints(tmp_path, caplog):
+    import torch
+
+    from scripts.inference.predict import load_network
+    from scripts.mil import contract
+    from scripts.mil.baselines import build_model
+
+    settings = dict(mil_model="dsmil", scales_mpp=[0.5, 1.0, 2.0], patch_size=256, num_clusters=8, cluster_scale_mpp=2.0,
+                    encoder_arch="tiny", in_features=16, label_map={"0": 0, "1": 1})
+    torch.manual_seed(0)
+    net = contract.attach(build_model("dsmil", in_features=16), contract.make_contract(**settings))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert contract.read(state)["patch_size"] == 256 and contract.read(state)["bundle_version"]
+    loaded = load_network(build_model("dsmil", in_features=16), tmp_path / "model.pt", contract=contract.make_contract(**settings))
+    assert loaded.csmil_contract["scales_mpp"] == [0.5, 1.0, 2.0]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    torch.save(dict(net.state_dict()), tmp_path / "old.pt")  # a plain dict: no metadata, as before 0.12.0
+    with caplog.at_level("WARNING"):
+        old = load_network(build_model("dsmil", in_features=16), tmp_path / "old.pt", contract=contract.make_contract(**settings))
+    assert old.csmil_contract is None and "no training contract" in caplog.text

@@ -136,6 +136,8 @@ def deploy_repo(trained):
     assert r.returncode == 0, r.stderr[-3000:]
     repo = trained / "models" / "deploy"
     assert (repo / "csmil" / "model.ts").is_file() and len(list(repo.glob("encoder_*/model.ts"))) == 3
+    contract = DeployModels(repo).settings["contract"]  # the export carries what the model was trained with
+    assert contract["scales_mpp"] == [0.5, 1.0, 2.0] and contract["in_features"] == 128 and len(contract["encoders"]) == 3
     return repo
 
 

@@ -36,6 +36,10 @@ class SlideRecord:
         return asdict(self)
 
 
+#: values of the optional ``split`` column (``valid`` and ``validation`` are read as ``val``)
+SPLITS = ("train", "val", "valid", "validation", "test")
+
+
 def read_manifest(
     manifest: str | Path, label_map: Mapping[str, int] | None = None, check_paths: bool = True,
     require_labels: bool = True,
@@ -57,7 +61,7 @@ def read_manifest(
         rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     if not rows:
         raise BundleInputError(manifest, "manifest has no rows", "add one row per slide")
-    records, seen = [], {}
+    records, seen, files = [], {}, {}
     for i, row in enumerate(rows, start=2):  # row 1 is the header
         where = f"{manifest}:{i}"
         sid, pid = row["slide_id"], row["patient_id"]
@@ -79,13 +83,24 @@ def read_manifest(
             path = manifest.parent / path
         if check_paths and not path.is_file():
             raise BundleInputError(where, f"slide file '{path}' does not exist", "fix the path (relative paths are resolved against the manifest's folder)")
+        key = str(path.resolve()) if path.exists() else str(path)
+        if key in files:
+            first, first_sid, first_pid = files[key]
+            same = "the same patient" if first_pid == pid else f"patient '{first_pid}' there, '{pid}' here"
+            raise BundleInputError(where, f"slide file '{path}' is already listed at row {first} (slide '{first_sid}'; {same})",
+                                   "list each slide file once (one slide id, one patient)")
+        files[key] = (i, sid, pid)
+        split = (row.get("split") or "").lower() or None
+        if split is not None and split not in SPLITS:
+            raise BundleInputError(where, f"split '{row['split']}' for slide '{sid}' is not one of {list(SPLITS)}",
+                                   "write train, val or test in the 'split' column (or leave it empty)")
         mpp = None
         if row.get("mpp"):
             try:
                 mpp = float(row["mpp"])
             except ValueError:
                 raise BundleInputError(where, f"mpp '{row['mpp']}' is not a number", "write microns per pixel as a number, e.g. 0.25") from None
-        records.append(SlideRecord(sid, pid, str(path), label, mpp, row.get("split") or None))
+        records.append(SlideRecord(sid, pid, str(path), label, mpp, split))
     labels_by_patient: dict[str, set[int]] = {}
     for r in records:
         labels_by_patient.setdefault(r.patient_id, set()).add(r.label)

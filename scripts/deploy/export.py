@@ -90,7 +90,15 @@ def export_model_repository(
     scales = settings["scales_mpp"]
     if len(encoders) != len(scales):
         raise BundleInputError(None, f"{len(encoders)} encoders for {len(scales)} scales", "give one encoder per scale")
-    settings.update(bundle_version=__version__, encoder_dirs=encoder_dirs(scales), csmil_dir=CSMIL_DIR)
+    contract = getattr(network, "csmil_contract", None)
+    if contract and contract.get("encoders"):
+        from scripts.features.encoders import encoder_signature
+
+        sigs = [encoder_signature(e, settings["encoder_arch"]) for e in encoders]
+        if sigs != contract["encoders"]:
+            raise BundleInputError(deploy_dir, "the encoders to export are not those whose features the model was trained on",
+                                   "export with the encoder weights of training (--encoder_weights, --encoder_arch)")
+    settings.update(bundle_version=__version__, encoder_dirs=encoder_dirs(scales), csmil_dir=CSMIL_DIR, contract=contract)
     metadata = json.loads(Path(meta_file).read_text()) if meta_file else {}
     network = network.cpu().eval()
     with atomic_dir(deploy_dir) as tmp:

@@ -219,8 +219,8 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     items, counts = [], []
     for si, (rec, tdir, _, _) in enumerate(pending):
         coords = np.load(tdir / "coords.npy")
-        mpp = float("nan") if rec.mpp is None else float(rec.mpp)
-        items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "slide_index": si} for c in coords]
+        mpp = float(json.loads((tdir / "meta.json").read_text())["mpp"])  # as resolved when the slide was tiled
+        items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "mpp_force": True, "slide_index": si} for c in coords]
         counts.append(len(coords))
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     encoders = [e.to(device).eval() for e in encoders]

@@ -219,8 +219,8 @@ def pretrain_scales(
         coords = np.load(Path(tdir) / "coords.npy")
         if max_patches_per_slide and len(coords) > max_patches_per_slide:
             coords = coords[np.sort(rng.choice(len(coords), max_patches_per_slide, replace=False))]
-        mpp = float("nan") if rec.mpp is None else float(rec.mpp)
-        items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp} for c in coords]
+        mpp = float(json.loads((Path(tdir) / "meta.json").read_text())["mpp"])  # as resolved when the slide was tiled
+        items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "mpp_force": True} for c in coords]
     out = []
     for s in scales_mpp:
         if float(s) not in wanted:

@@ -67,7 +67,7 @@ def write_slide_outputs(
     footprint = patch_size * min(scales_mpp) / slide_mpp  # the finest scale's patch square, level-0 px
     sdir = out / entry.slide_id
     sdir.mkdir(parents=True, exist_ok=True)
-    with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp) as slide:
+    with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp, mpp_force=True) as slide:
         thumb = slide.thumbnail(overlay_mpp)
     thumb_scale = slide.size[1] / thumb.shape[1]
     heats = [export.rasterise(coords, norm[:, s], footprint, thumb.shape[:2], thumb_scale) for s in range(len(names))]

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -15,22 +16,36 @@ import torch
 from scripts.errors import BundleInputError
 from scripts.features.encoders import check_state_matches
 from scripts.features.store import FeatureEntry
+from scripts.mil import contract as contracts
 from scripts.mil.bags import gather_bag, slide_bags
 
 logger = logging.getLogger(__name__)
 
 
-def load_network(network: torch.nn.Module, ckpt_path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a CS-MIL checkpoint (``weights_only=True``) into ``network``; mismatches are listed."""
+def load_network(network: torch.nn.Module, ckpt_path: str | Path, device: str | torch.device = "cpu",
+                 contract: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Load a MIL checkpoint (``weights_only=True``) into ``network``; mismatches are listed. With ``contract``
+    (the command's settings, :func:`scripts.mil.contract.make_contract`), settings that differ from those the
+    checkpoint was trained with are refused first; the checkpoint's contract is kept as ``network.csmil_contract``."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise BundleInputError(ckpt_path, "model checkpoint not found", "train first (python -m monai.bundle run training --config_file configs/train.yaml) or pass --ckpt_path")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or holds more than weights
+        raise BundleInputError(ckpt_path, f"cannot be read as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                               "the file is truncated or not a checkpoint: copy models/model.pt again or train again") from None
+    if not isinstance(state, dict):
+        raise BundleInputError(ckpt_path, f"holds a {type(state).__name__}, not a state dict", "pass the model.pt written by run training")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    stored = contracts.read(state)
+    if contract is not None:
+        contracts.check_settings(stored, contract, ckpt_path)
     check_state_matches(network, state, ckpt_path, "use the MIL model (--mil_model, e.g. csmil for a checkpoint of the "
                         "paper's CS-MIL) and encoder (hence in_features) the checkpoint was trained with")
     network.load_state_dict(state)
+    network.csmil_contract = stored
     return network.to(device).eval()
 
 

@@ -39,11 +39,13 @@ class ValidationSummary:
         self.history = [dict(h) for h in state.get("history", [])]
 
     def _record(self, _evaluator: Engine, trainer: Engine) -> None:
-        metrics = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        # undefined metrics (AUC of a one-class validation set) are null, never NaN, in the summary
+        metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in self.evaluator.state.metrics.items()
+                   if isinstance(v, (int, float))}
         self.history.append({"epoch": int(trainer.state.epoch), **metrics})
 
     def best(self) -> dict[str, Any] | None:
-        valid = [h for h in self.history if self.key in h and not math.isnan(h[self.key])]
+        valid = [h for h in self.history if h.get(self.key) is not None]
         return min(valid, key=lambda h: h[self.key]) if valid else None
 
     def _finish(self, trainer: Engine) -> None:
@@ -53,12 +55,17 @@ class ValidationSummary:
         if best is None:
             logger.warning("training finished without validation metrics")
             return
-        auc = best.get("val_auc", float("nan"))
+        def fmt(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        auc = best.get("val_auc")
         msg = (
             f"best validation epoch {best['epoch']}: loss {best[self.key]:.4f}, "
-            f"AUC {auc:.4f}, accuracy {best.get('val_acc', float('nan')):.4f} (summary: {self.output_file})"
+            f"AUC {fmt(auc)}, accuracy {fmt(best.get('val_acc'))} (summary: {self.output_file})"
         )
-        logger.info("Validation AUC: %.4f  (%s)", auc, msg)
+        if auc is None:
+            msg += "; AUC is undefined: the validation slides are all of one class"
+        logger.info("Validation AUC: %s  (%s)", fmt(auc), msg)
 
 
 class NonFiniteLossGuard:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from scripts.errors import BundleInputError
+
+logger = logging.getLogger(__name__)
 
 
 def check_no_leakage(partitions: dict[str, Sequence[str]], patient_of: dict[str, str]) -> None:
@@ -25,7 +28,7 @@ def check_no_leakage(partitions: dict[str, Sequence[str]], patient_of: dict[str,
 
 def train_val_split(
     slide_ids: Sequence[str], patient_ids: Sequence[str], labels: Sequence[int], val_fraction: float = 0.25, seed: int = 0,
-    fold: int = 0, given: Sequence[str | None] | None = None,
+    fold: int = 0, given: Sequence[str | None] | None = None, where: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """Indices of training and validation slides.
 
@@ -34,6 +37,10 @@ def train_val_split(
     """
     n = len(slide_ids)
     patient_of = dict(zip(slide_ids, patient_ids))
+    classes = sorted(set(int(x) for x in labels))
+    if len(classes) < 2:
+        raise BundleInputError(where, f"all {n} slides have label {classes[0] if classes else '?'}: training needs slides of both classes",
+                               "add slides of the other class (check the manifest's label column and label_map)")
     if given is not None and any(given):
         tr = [i for i in range(n) if (given[i] or "train") == "train"]
         va = [i for i in range(n) if given[i] in ("val", "valid", "validation")]
@@ -56,7 +63,11 @@ def train_val_split(
         tr, va = (list(map(int, f)) for f in folds[fold % n_splits])
     check_no_leakage({"train": [slide_ids[i] for i in tr], "val": [slide_ids[i] for i in va]}, patient_of)
     if not tr or not va:
-        raise BundleInputError(None, "empty training or validation partition", "check the manifest's 'split' column or 'val_fraction'")
+        raise BundleInputError(where, "empty training or validation partition", "check the manifest's 'split' column or 'val_fraction'")
+    for name, part in (("training", tr), ("validation", va)):
+        if len({int(labels[i]) for i in part}) < 2:
+            logger.warning("the %s partition holds slides of one class only (%d slides): its AUC is undefined "
+                           "(reported as null); add patients or change the split", name, len(part))
     return tr, va
 
 
@@ -76,7 +87,8 @@ def split_entries(entries: Sequence, manifest=None, val_fraction: float = 0.25, 
         by_id = {r.slide_id: r.split for r in read_manifest(manifest, check_paths=False) if r.slide_id in set(ids)}
         given = [by_id.get(i) for i in ids]
     tr, va = train_val_split(
-        ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], val_fraction, seed, fold, given
+        ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], val_fraction, seed, fold, given,
+        where=str(manifest) if manifest is not None else None,
     )
     return {"train": [entries[i] for i in tr], "val": [entries[i] for i in va]}
 

@@ -55,7 +55,7 @@ def cohort_records(
 
 def prepare_cohort(
     records: Sequence[SlideRecord], cache_dir: str | Path, tiling: TilingParams, progress: bool = True,
-    on_error: str = "raise", output_dir: str | Path | None = None,
+    on_error: str = "raise", output_dir: str | Path | None = None, mpp_force: bool = False,
 ) -> dict[str, list]:
     """Tile every slide (cached). Returns ``{"records": [...], "tiles": [entry dirs]}`` of the slides that
     could be tiled (with ``on_error='skip'`` the others go to ``failures.csv``, see
@@ -65,7 +65,8 @@ def prepare_cohort(
     check_policy(on_error)
     kept, tiles = [], []
     for r in tqdm(records, desc="prepare slides", disable=not progress):
-        t = guarded(on_error, "prepare", r.slide_id, output_dir, prepare_slide, r.slide_id, r.path, cache_dir, tiling, mpp=r.mpp)
+        t = guarded(on_error, "prepare", r.slide_id, output_dir, prepare_slide, r.slide_id, r.path, cache_dir, tiling, mpp=r.mpp,
+                    mpp_force=mpp_force)
         if t is not None:
             kept.append(r)
             tiles.append(t)

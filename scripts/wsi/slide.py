@@ -28,6 +28,8 @@ from scripts.wsi.resample import block_mean, resize_area
 logger = logging.getLogger(__name__)
 
 #: sane range of level-0 resolutions (µm per px); outside it the metadata is wrong or the file is no slide
+#: an mpp override within this relative distance of the metadata agrees with it
+MPP_AGREE = 0.02
 MPP_RANGE = (0.05, 20.0)
 #: plausible level-0 edge lengths in pixels (smaller is a thumbnail or label image, larger a broken header)
 SIZE_RANGE = (64, 1_000_000)
@@ -103,6 +105,24 @@ class ScalePlan:
         return asdict(self)
 
 
+def _other_backend_reads(path: Path, failed: str) -> str | None:
+    """The first other installed backend (tifffile) that opens ``path`` with a plausible size, or None."""
+    if failed == "tifffile" or path.suffix.lower() not in (".tif", ".tiff", ".svs"):
+        return None
+    try:
+        import tifffile
+
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            level0 = tif.series[0].levels[0]
+            shape = level0.shape
+            page = level0.keyframe
+            complete = all(o + c <= size for o, c in zip(page.dataoffsets, page.databytecounts))  # not truncated
+        return "tifffile" if complete and len(shape) >= 2 and min(shape[:2]) >= SIZE_RANGE[0] else None
+    except Exception:  # noqa: BLE001 - not readable by tifffile either
+        return None
+
+
 class SlideReader:
     """One opened slide: levels, mpp, co-centred region reads.
 
@@ -132,6 +152,7 @@ class SlideReader:
         snap_rtol: float = 0.05,
         read_cell_um: float = 0.0,
         read_cache_mb: float = READ_CACHE_MB,
+        mpp_force: bool = False,
     ) -> None:
         pin_mmap_threshold()  # resident memory stays flat over millions of patch buffers (see scripts.wsi.memory)
         self.path = Path(path)
@@ -153,9 +174,11 @@ class SlideReader:
         except BundleInputError:
             raise
         except Exception as err:  # noqa: BLE001 - every backend raises its own types
+            other = _other_backend_reads(self.path, backend)
             raise BundleInputError(
                 self.path,
                 f"cannot be opened as a whole-slide image with the {backend} backend ({type(err).__name__}: {err})",
+                f"the {other} backend reads it: pass --wsi_backend {other}" if other else
                 "check that the file is a complete slide (re-copy it if the upload was truncated) or select another backend",
             ) from err
         w, h = self.level_dims[0]
@@ -164,20 +187,37 @@ class SlideReader:
                 self.path, f"implausible slide size {w} x {h} px (expected edges within {SIZE_RANGE})",
                 "check that the file is the whole-slide image, not a thumbnail, label or macro image, and that it is not corrupt",
             )
-        self.mpp, self.mpp_source = self._resolve_mpp(mpp)
+        self.mpp, self.mpp_source = self._resolve_mpp(mpp, mpp_force)
 
     # ------------------------------------------------------------------ metadata
-    def _resolve_mpp(self, override: float | None) -> tuple[float, str]:
-        if override is not None and not (isinstance(override, float) and math.isnan(override)):
-            mpp, source = float(override), "override"
-        else:
-            mpp, source = self._metadata_mpp(), "metadata"
+    def _resolve_mpp(self, override: float | None, force: bool = False) -> tuple[float, str]:
+        """Level-0 µm per px: the slide's metadata wins; ``override`` (``--mpp`` or the manifest's ``mpp``) fills
+        it in where the metadata has none. An override that contradicts the metadata (by more than 2%) is
+        refused unless ``force`` (``--mpp_force True``), which reads the slide at the override."""
+        if override is not None and isinstance(override, float) and math.isnan(override):
+            override = None
+        meta = self._metadata_mpp()
+        if override is None:
+            mpp, source = meta, "metadata"
             if mpp is None:
                 raise BundleInputError(
                     self.path,
                     "slide metadata has no microns-per-pixel (mpp)",
                     "add an 'mpp' column to the manifest (0.25 for 40x, 0.5 for 20x scans) or pass --mpp",
                 )
+        elif meta is None:
+            mpp, source = float(override), "override"
+        elif abs(float(override) - meta) <= MPP_AGREE * meta:
+            mpp, source = meta, "metadata"
+        elif force:
+            mpp, source = float(override), f"forced override (metadata: {meta:g})"
+            logger.warning("%s: reading at %g µm/px although the slide's metadata says %g (--mpp_force)", self.path, mpp, meta)
+        else:
+            raise BundleInputError(
+                self.path,
+                f"the slide's metadata says {meta:g} µm/px but the mpp override (--mpp or the manifest's mpp) says {float(override):g}",
+                f"the metadata wins: drop the override for this slide, or pass --mpp_force True to read it at {float(override):g} µm/px",
+            )
         if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
             raise BundleInputError(
                 self.path,

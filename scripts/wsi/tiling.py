@@ -21,7 +21,7 @@ from scripts.wsi.tissue import TissueParams, tissue_mask
 
 logger = logging.getLogger(__name__)
 
-TILING_VERSION = 3
+TILING_VERSION = 4  # 4: an mpp override no longer wins over slide metadata (entries made under 3 may have used it)
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ def prepare_slide(
     cache_dir: str | Path,
     params: TilingParams,
     mpp: float | None = None,
+    mpp_force: bool = False,
 ) -> Path:
     """Tissue mask + patch centres for one slide, cached under ``cache_dir/tiles``; returns the entry dir.
 
@@ -133,6 +134,8 @@ def prepare_slide(
         "mpp_override": mpp,
         "tiling": params.to_dict(),
     }
+    if mpp_force:
+        provenance["mpp_force"] = True
     root = Path(cache_dir) / "tiles"
     entry = root / f"{slide_id}-{stable_hash(provenance)}"
     if (entry / "meta.json").is_file():
@@ -145,13 +148,38 @@ def prepare_slide(
     try:
         if (entry / "meta.json").is_file():
             return entry
-        return _tile(slide_id, path, entry, params, mpp, provenance)
+        return _tile(slide_id, path, entry, params, mpp, provenance, mpp_force)
     finally:
         release_claim(entry)
 
 
-def _tile(slide_id: str, path: Path, entry: Path, params: "TilingParams", mpp: float | None, provenance: dict) -> Path:
-    with SlideReader(path, backend=params.backend, mpp=mpp) as slide:
+def no_patch_reason(path: Path, slide: SlideReader, thumb: np.ndarray, mask: np.ndarray, params: "TilingParams") -> BundleInputError:
+    """Why a slide gave no patch, as the error to raise: too small for the coarsest field, no colour, no
+    tissue at all, or tissue that never fills ``min_tissue`` of a patch."""
+    h_um, w_um = (d * slide.mpp for d in slide.size)
+    field = params.patch_size * max(params.scales_mpp)
+    if min(h_um, w_um) < field:
+        return BundleInputError(
+            path, f"the slide ({w_um:.0f} x {h_um:.0f} µm) is smaller than the coarsest scale's field ({params.patch_size} px at "
+            f"{max(params.scales_mpp):g} µm/px = {field:.0f} µm)", "drop the coarsest scale from --scales_mpp, lower --patch_size, or use a larger slide")
+    if not mask.any():
+        rgb = thumb[..., :3].astype(np.int16)
+        grey = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).max() <= 2
+        if grey and rgb.mean(axis=-1).std() > 8:  # structure without colour
+            return BundleInputError(
+                path, "the slide has no colour (grayscale): tissue is found by its stain saturation",
+                "use RGB brightfield (H&E) slides; grayscale or fluorescence slides are not supported")
+        return BundleInputError(
+            path, f"no tissue found (no region above the saturation threshold {params.tissue.min_saturation:g}; the slide looks blank)",
+            "check the slide is not blank, or lower --tissue_min_saturation")
+    return BundleInputError(
+        path, f"tissue covers {mask.mean():.1%} of the slide but no patch has >= {params.min_tissue:.0%} tissue",
+        "lower --min_tissue (or --tissue_min_area_um2 for small fragments)")
+
+
+def _tile(slide_id: str, path: Path, entry: Path, params: "TilingParams", mpp: float | None, provenance: dict,
+          mpp_force: bool = False) -> Path:
+    with SlideReader(path, backend=params.backend, mpp=mpp, mpp_force=mpp_force) as slide:
         plans = [slide.plan(s, params.patch_size) for s in params.scales_mpp]
         thumb = slide.thumbnail(params.tissue.thumbnail_mpp)
         mask_mpp = slide.size[1] * slide.mpp / thumb.shape[1]
@@ -159,11 +187,7 @@ def _tile(slide_id: str, path: Path, entry: Path, params: "TilingParams", mpp: f
         align = alignment(slide, params.scales_mpp, params.patch_size)
         centres = grid_centres(mask, mask_mpp, slide.mpp, slide.size, params, align)
         if len(centres) == 0:
-            raise BundleInputError(
-                path,
-                f"no tissue found (0 patch centres with >= {params.min_tissue:.0%} tissue)",
-                "check the slide is not blank, or lower --min_tissue / --tissue_min_saturation",
-            )
+            raise no_patch_reason(path, slide, thumb, mask, params)
         meta = {
             **provenance,
             "slide_id": slide_id,

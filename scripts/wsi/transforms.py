@@ -56,13 +56,13 @@ class LoadMultiScaleRegiond(MapTransform):
         self.resize = resize
         self._open: dict[tuple, tuple[SlideReader, list]] = {}
 
-    def _slide(self, path: str, mpp: float | None) -> tuple[SlideReader, list]:
-        key = (path, mpp)
+    def _slide(self, path: str, mpp: float | None, force: bool = False) -> tuple[SlideReader, list]:
+        key = (path, mpp, force)
         if key not in self._open:
             if len(self._open) >= self.max_open:
                 old = next(iter(self._open))
                 self._open.pop(old)[0].close()
-            slide = SlideReader(path, backend=self.backend, mpp=mpp, read_cell_um=self.read_cell_um)
+            slide = SlideReader(path, backend=self.backend, mpp=mpp, read_cell_um=self.read_cell_um, mpp_force=force)
             self._open[key] = (slide, [slide.plan(s, self.patch_size) for s in self.scales_mpp])
         return self._open[key]
 
@@ -70,7 +70,7 @@ class LoadMultiScaleRegiond(MapTransform):
         d = dict(data)
         mpp = d.get(self.mpp_key)
         mpp = None if mpp is None or (isinstance(mpp, float) and np.isnan(mpp)) else float(mpp)
-        slide, plans = self._slide(str(d[self.path_key]), mpp)
+        slide, plans = self._slide(str(d[self.path_key]), mpp, bool(d.get("mpp_force", False)))
         centre = tuple(float(v) for v in np.asarray(d[self.centre_key]).ravel()[:2])
         for key, plan in zip(self.keys, plans):
             patch = slide.read_patch(centre, plan) if self.resize else slide.read_region(centre, plan)

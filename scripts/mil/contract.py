@@ -1,0 +1,125 @@
+"""The checkpoint's contract: what a MIL model was trained with, stored inside ``models/model.pt``.
+
+The contract rides in the state dict's metadata (``state_dict._metadata[""]["csmil_contract"]``, written by a
+state-dict hook), so ``model.pt`` stays a plain state dict that MONAI's ``ckpt_export`` and
+``torch.load(weights_only=True)`` read as before. It holds the settings that decide what the features mean
+(scales, patch size, encoder architecture and weights, preprocessing), how bags are built (clusters), the label
+map, the model and the bundle version. Inference, evaluation of a checkpoint and the Deploy export compare it
+with the command's settings and refuse a conflict with one line naming both values
+(:func:`check_settings`, :func:`check_features`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from scripts.cache import stable_hash
+from scripts.errors import BundleInputError
+
+logger = logging.getLogger(__name__)
+
+CONTRACT_KEY = "csmil_contract"
+#: settings compared between the checkpoint and the command (id -> how to say it on the command line)
+SETTINGS = ("mil_model", "scales_mpp", "patch_size", "num_clusters", "cluster_scale_mpp", "encoder_arch", "in_features", "label_map")
+
+
+def make_contract(**settings: Any) -> dict:
+    """The contract of the current settings (ids of :data:`SETTINGS`), JSON-friendly, plus the bundle version."""
+    from scripts import __version__
+
+    out = {k: _plain(v) for k, v in settings.items()}
+    out["bundle_version"] = __version__
+    return out
+
+
+def features_provenance(entries: Sequence[Any]) -> dict:
+    """Encoders (architecture, weights hash per scale) and preprocessing hash of the features in ``entries``."""
+    if not entries:
+        return {}
+    meta = entries[0].meta
+    return {"encoders": meta.get("encoders"), "preprocessing_hash": stable_hash(meta.get("preprocessing"), 16)}
+
+
+def attach(network: torch.nn.Module, contract: Mapping[str, Any]) -> torch.nn.Module:
+    """Make ``network``'s state dicts carry ``contract``; returns the network."""
+    contract = dict(contract)
+
+    def hook(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        local_metadata[CONTRACT_KEY] = contract
+
+    network._register_state_dict_hook(hook)
+    network.csmil_contract = contract
+    return network
+
+
+def read(state: Any) -> dict | None:
+    """The contract stored in a loaded state dict, or None (checkpoints before 0.12.0)."""
+    for meta in (getattr(state, "_metadata", None) or {}).values():
+        if isinstance(meta, dict) and CONTRACT_KEY in meta:
+            return dict(meta[CONTRACT_KEY])
+    return None
+
+
+def check_settings(contract: Mapping[str, Any] | None, current: Mapping[str, Any], ckpt_path: str | Path) -> None:
+    """Refuse settings that differ from the checkpoint's (one line naming both values)."""
+    if contract is None:
+        logger.warning("%s: checkpoint from before 0.12.0 (no training contract): settings cannot be checked; "
+                       "train again to record them", ckpt_path)
+        return
+    for key in SETTINGS:
+        if key in contract and key in current and _plain(current[key]) != contract[key]:
+            fix = f"pass --{key} {_cli(contract[key])} (the checkpoint's) or use a checkpoint trained with {_cli(_plain(current[key]))}"
+            if key == "in_features":
+                fix = f"use the encoder the checkpoint was trained with (encoder_arch {contract.get('encoder_arch')!r})"
+            raise BundleInputError(ckpt_path, f"the model was trained with {key} = {_cli(contract[key])} but this run has "
+                                              f"{key} = {_cli(_plain(current[key]))}", fix)
+
+
+def check_features(network: torch.nn.Module, entries: Sequence[Any], ckpt_path: str | Path) -> None:
+    """Refuse features made by other encoder weights or preprocessing than the checkpoint's training features."""
+    contract = getattr(network, "csmil_contract", None)
+    if not contract or not entries or "encoders" not in contract:
+        return
+    now = features_provenance(entries)
+    for e in entries:
+        if features_provenance([e]) != now:
+            raise BundleInputError(e.path, "feature entries of this run come from different encoders or preprocessing",
+                                   "extract all slides with one encoder setup")
+    if now.get("encoders") != contract["encoders"]:
+        raise BundleInputError(ckpt_path, f"the model was trained on features of encoders {_short(contract['encoders'])} but "
+                                          f"this run's features come from {_short(now.get('encoders'))}",
+                               "use the encoder weights of training (--encoder_weights, --encoder_arch) for inference")
+    if now.get("preprocessing_hash") != contract.get("preprocessing_hash"):
+        raise BundleInputError(ckpt_path, "the model was trained on features with another patch preprocessing "
+                                          f"({contract.get('preprocessing_hash')} vs {now.get('preprocessing_hash')})",
+                               "use the preprocessing of training (patch_size, normalize_mean / normalize_std, transforms)")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v) if isinstance(v, float) else int(v)
+    return str(v)
+
+
+def _cli(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(_cli(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v) if not isinstance(v, dict) else str(v)
+
+
+def _short(encoders: Any) -> str:
+    if not isinstance(encoders, list):
+        return str(encoders)
+    return ", ".join(f"{e.get('arch')}:{str(e.get('weights_sha'))[:8]}" for e in encoders if isinstance(e, dict))
