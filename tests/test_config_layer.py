@@ -17,6 +17,7 @@ import yaml
 
 from conftest import ROOT
 from golden_outputs import GOLDEN, fingerprints
+from scripts.benchmarks.startup import LAUNCH, launch_report
 from scripts.workflows.pipeline_config import PIPELINE_CONFIG, pipeline_parser
 
 STAGES = ["prepare", "pretrain", "extract", "cluster", "inference", "evaluate", "deploy"]
@@ -87,29 +88,8 @@ def test_demo_features_and_model_unchanged(trained):
     assert now["model"] == golden["model"], "model.pt changed: regenerate tests/data only if intended (tests/golden_outputs.py)"
 
 
-_COUNT_READS = (
-    "import collections, json, runpy, sys\n"
-    "from monai.bundle.config_parser import ConfigParser\n"
-    "reads = collections.Counter()\n"
-    "_load = ConfigParser.load_config_file.__func__\n"
-    "def load(cls, filepath, **kw):\n"
-    "    reads[str(filepath)] += 1\n"
-    "    return _load(cls, filepath, **kw)\n"
-    "ConfigParser.load_config_file = classmethod(load)\n"
-    "sys.argv = ['monai.bundle'] + sys.argv[1:]\n"
-    "try:\n    runpy.run_module('monai.bundle', run_name='__main__')\n"
-    "finally:\n    print('CONFIG_READS', json.dumps(reads), 'MODULES', json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
-)
-
-
 def _run_from(cwd: Path, *args: str, prelude: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", prelude + _COUNT_READS, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def _reads_and_modules(r: subprocess.CompletedProcess) -> tuple[dict, list]:
-    line = [x for x in r.stderr.splitlines() if x.startswith("CONFIG_READS")][-1]
-    reads, modules = line[len("CONFIG_READS "):].split(" MODULES ")
-    return json.loads(reads), json.loads(modules)
+    return subprocess.run([sys.executable, "-c", prelude + LAUNCH, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -123,7 +103,7 @@ def test_inference_from_another_folder_reads_each_config_once(trained, cmu_svs, 
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [row["slide_id"] for row in rows] == ["CMU-1-Small-Region"]
-    reads, _ = _reads_and_modules(r)
+    reads, _ = launch_report(r.stderr)
     assert reads and max(reads.values()) == 1, reads
     assert sum(v for k, v in reads.items() if k.endswith(".yaml")) == 1, reads
     assert not (elsewhere / "outputs").exists() and not list(elsewhere.iterdir())  # nothing written into the CWD
@@ -137,7 +117,7 @@ def test_a_runtime_install_never_imports_mlflow_or_the_deploy_sdk(trained, cmu_s
                   "--output_dir", str(tmp_path / "pred"), "--ckpt_dir", str(trained / "models"), "--num_bags", "5",
                   "--cache_dir", str(tmp_path / "cache"), "--progress", "False", prelude=block)
     assert r.returncode == 0, r.stderr[-3000:]
-    _, modules = _reads_and_modules(r)
+    _, modules = launch_report(r.stderr)
     assert not [m for m in modules if m.startswith(("mlflow.", "holoscan.", "monai.deploy."))]
 
 

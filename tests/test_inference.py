@@ -104,3 +104,27 @@ def test_inference_reports_localisation_on_demo(trained, tmp_path):
             assert 0.0 <= float(row[f"localisation_auroc_{s}"]) <= 1.0
     summary = json.loads((out / "localisation.json").read_text())
     assert set(summary) == set(SCALES)
+
+
+@pytest.mark.parametrize("patch_size", [128, 256])
+def test_map_footprint_is_the_tiled_patch_size(tmp_path, patch_size):
+    """The GeoJSON squares and heatmaps cover the finest patch as the slide was tiled, not a fixed 256 px."""
+    from types import SimpleNamespace
+
+    from scripts.inference.outputs import write_slide_outputs
+    from scripts.inference.predict import SlidePrediction
+    from scripts.wsi.pyramid import write_pyramid
+
+    img = np.random.default_rng(0).integers(60, 200, (1024, 1024, 3), dtype=np.uint8)
+    slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.25, downsamples=(1, 2, 4), compression="deflate")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    (tiles / "meta.json").write_text(json.dumps({"mpp": 0.25, "path": str(slide), "level_dims": [[1024, 1024]],
+                                                 "tiling": {"patch_size": patch_size, "backend": "openslide"}}))
+    coords = np.array([[512, 512]])
+    entry = SimpleNamespace(slide_id="s", meta={"tiles_dir": str(tiles), "label": 1}, num_patches=1, coords=lambda: coords)
+    pred = SlidePrediction("s", 0.7, np.ones((1, 3), np.float32), np.full((1, 3), 1 / 3, np.float32), 0.0)
+    write_slide_outputs(entry, pred, tmp_path / "out", [0.5, 1.0, 2.0])
+    ring = json.loads((tmp_path / "out" / "s" / "attention.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
+    xs = [p[0] for p in ring]
+    assert max(xs) - min(xs) == pytest.approx(patch_size * 0.5 / 0.25)  # finest patch (0.5 µm/px) in level-0 px (0.25)

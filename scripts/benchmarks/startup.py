@@ -24,7 +24,9 @@ import torch
 from scripts.benchmarks.common import demo_cohort, report
 
 ROOT = Path(__file__).resolve().parents[2]
-_LAUNCH = (  # counts YAML/JSON config reads, then runs the bundle CLI as `python -m monai.bundle` would
+#: runs the bundle CLI as `python -m monai.bundle` would, counting config-file reads; at exit prints
+#: ``CONFIG_READS {json}`` and ``MODULES [json]`` (the modules imported) on stderr (also used by tests)
+LAUNCH = (
     "import collections, json, runpy, sys\n"
     "from monai.bundle.config_parser import ConfigParser\n"
     "reads = collections.Counter()\n"
@@ -35,10 +37,15 @@ _LAUNCH = (  # counts YAML/JSON config reads, then runs the bundle CLI as `pytho
     "ConfigParser.load_config_file = classmethod(load)\n"
     "sys.argv = ['monai.bundle'] + sys.argv[1:]\n"
     "try:\n    runpy.run_module('monai.bundle', run_name='__main__')\n"
-    "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-    "print('CONFIG_READS', json.dumps(reads), file=sys.stderr)\n"
-    "sys.exit(code)\n"
+    "finally:\n    print('CONFIG_READS', json.dumps(reads), 'MODULES', json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
 )
+
+
+def launch_report(stderr: str) -> tuple[dict, list]:
+    """(config reads per file, imported modules) from the stderr of a :data:`LAUNCH` run."""
+    line = [x for x in stderr.splitlines() if x.startswith("CONFIG_READS")][-1]
+    reads, modules = line[len("CONFIG_READS "):].split(" MODULES ")
+    return json.loads(reads), json.loads(modules)
 
 
 def _wall(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = pipeline_parser()
     torch.save(build_model(parser["mil_model"], in_features=128).state_dict(), work / "model.pt")  # tiny encoder: 128-d
-    cmd = [sys.executable, "-c", _LAUNCH, "run", "inference", "--config_file", "configs/inference.yaml",
+    cmd = [sys.executable, "-c", LAUNCH, "run", "inference", "--config_file", "configs/inference.yaml",
            "--input", str(manifest.parent), "--ckpt_path", str(work / "model.pt"), "--cache_dir", str(work / "cache"),
            "--progress", "False"]
     _wall(cmd + ["--output_dir", str(work / "warm")])  # builds the cache (not timed)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         wall, r = _wall(cmd + ["--output_dir", str(work / f"out{i}")])
         rows = list(csv.DictReader(open(work / f"out{i}" / "predictions.csv")))
         predict = sum(float(row["predict_seconds"]) for row in rows)
-        reads = json.loads([line for line in r.stderr.splitlines() if line.startswith("CONFIG_READS")][-1].split(" ", 1)[1])
+        reads, _ = launch_report(r.stderr)
         runs.append((wall, predict, reads))
     b = statistics.median(bare)
     wall = statistics.median(w for w, _, _ in runs)
