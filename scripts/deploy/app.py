@@ -34,6 +34,18 @@ def _env_float(name: str) -> float | None:
     return float(value) if value else None
 
 
+def preflight(argv: list[str] | None = None) -> None:
+    """The app's input checks before its graph starts (model repository, slides), so bad input ends with the
+    bundle's one error line and not also in the Holoscan executor's log."""
+    import sys
+
+    from scripts.deploy.operators import load_records
+
+    ctx = Application.init_app_context(argv if argv is not None else sys.argv)
+    models = DeployModels(Path(ctx.model_path))
+    load_records(ctx.input_path, models.tiling.backend, _env_float("CSMIL_MPP"))
+
+
 class CSMILDeployApp(Application):
     """slide loader -> multi-scale tiler and encoders -> CS-MIL (TorchScript) -> writer."""
 

@@ -13,9 +13,10 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     """Build and run :class:`scripts.deploy.app.CSMILDeployApp`; returns the process exit code."""
-    from scripts.deploy.app import CSMILDeployApp
+    from scripts.deploy.app import CSMILDeployApp, preflight
 
     try:
+        preflight(argv)
         CSMILDeployApp(argv).run() if argv else CSMILDeployApp().run()
     except Exception as exc:  # noqa: BLE001 - input errors become one line, the rest keep their traceback
         found = find_input_error(exc)

@@ -47,12 +47,18 @@ class SlideLoaderOperator(Operator):
 
     def load(self) -> list[SlideRecord]:
         """Records of the input's slides, each checked to open with a known µm per px."""
-        records = input_records(self.input_path, self.mpp)
-        for r in records:
-            with SlideReader(r.path, backend=self.backend, mpp=r.mpp):
-                pass
-        logger.info("%d slide(s) from %s", len(records), self.input_path)
-        return records
+        return load_records(self.input_path, self.backend, self.mpp)
+
+
+def load_records(input_path: str | Path, backend: str = "openslide", mpp: float | None = None) -> list[SlideRecord]:
+    """Records of the input's slides (a slide, a folder of slides or a manifest), each checked to open with a
+    known µm per px; also the app's check before its graph starts (:func:`scripts.deploy.main.main`)."""
+    records = input_records(input_path, mpp)
+    for r in records:
+        with SlideReader(r.path, backend=backend, mpp=r.mpp):
+            pass
+    logger.info("%d slide(s) from %s", len(records), input_path)
+    return records
 
 
 class MultiScaleEncoderOperator(Operator):
