@@ -7,10 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRanged
 
-from conftest import ROOT
 from scripts.data.manifest import read_manifest
 from scripts.features.encoders import build_encoder, build_scale_encoders, encoder_signature
 from scripts.features.extraction import extract_cohort
