@@ -237,3 +237,18 @@ def test_checkpoint_contract_round_trip_and_old_checkpoints(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         old = load_network(build_model("dsmil", in_features=16), tmp_path / "old.pt", contract=contract.make_contract(**settings))
     assert old.csmil_contract is None and "no training contract" in caplog.text
+
+
+@pytest.mark.slow
+def test_prepare_from_another_folder_builds_the_demo_where_told(tmp_path):
+    """The data stages run from any folder too: the demo cohort and the tiles go where the ids say."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = _run_from(elsewhere, "run", "prepare", "--config_file", str(ROOT / "configs" / "prepare.yaml"), "--bundle_root", str(ROOT),
+                  "--dataset_dir", str(tmp_path / "demo"), "--output_dir", str(tmp_path / "out"), "--demo_num_patients", "2",
+                  "--demo_slide_size", "1024", "--progress", "False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "demo" / "manifest.csv").is_file() and len(list((tmp_path / "out" / "cache" / "tiles").glob("*/meta.json"))) == 2
+    assert not list(elsewhere.iterdir())
+    reads, _ = launch_report(r.stderr)
+    assert max(reads.values()) == 1, reads
