@@ -252,3 +252,18 @@ def test_prepare_from_another_folder_builds_the_demo_where_told(tmp_path):
     assert not list(elsewhere.iterdir())
     reads, _ = launch_report(r.stderr)
     assert max(reads.values()) == 1, reads
+
+
+def test_inference_refuses_other_encoders_before_encoding(tmp_path):
+    from scripts.errors import BundleInputError
+    from scripts.features.encoders import build_scale_encoders, encoder_signature
+    from scripts.mil import contract
+    from scripts.mil.baselines import build_model
+
+    trained = build_scale_encoders("tiny", 3, seed=0)
+    net = contract.attach(build_model("dsmil", in_features=128), {"encoders": [encoder_signature(e, "tiny") for e in trained]})
+    assert contract.check_encoders(net, build_scale_encoders("tiny", 3, seed=0), "tiny", tmp_path / "model.pt") is net
+    with pytest.raises(BundleInputError, match="trained on features of encoders"):
+        contract.check_encoders(net, build_scale_encoders("tiny", 3, seed=5), "tiny", tmp_path / "model.pt")
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    assert "check_encoders" in raw["infer_network"] and "@entries" not in raw["infer_network"]  # checked before extraction

@@ -79,6 +79,21 @@ def check_settings(contract: Mapping[str, Any] | None, current: Mapping[str, Any
                                               f"{key} = {_cli(_plain(current[key]))}", fix)
 
 
+def check_encoders(network: torch.nn.Module, encoders: Sequence[torch.nn.Module], arch: str, ckpt_path: str | Path) -> torch.nn.Module:
+    """Refuse encoders other than those whose features the checkpoint was trained on, before any slide is
+    encoded; returns ``network``."""
+    contract = getattr(network, "csmil_contract", None)
+    if contract and contract.get("encoders"):
+        from scripts.features.encoders import encoder_signature
+
+        now = [encoder_signature(e, arch) for e in encoders]
+        if now != contract["encoders"]:
+            raise BundleInputError(ckpt_path, f"the model was trained on features of encoders {_short(contract['encoders'])} but "
+                                              f"this run's encoders are {_short(now)}",
+                                   "use the encoder weights of training (--encoder_weights, --encoder_arch, --seed for random ones)")
+    return network
+
+
 def check_features(network: torch.nn.Module, entries: Sequence[Any], ckpt_path: str | Path) -> None:
     """Refuse features made by other encoder weights or preprocessing than the checkpoint's training features."""
     contract = getattr(network, "csmil_contract", None)
