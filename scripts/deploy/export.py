@@ -28,6 +28,7 @@ from scripts import __version__
 from scripts.cache import atomic_dir
 from scripts.errors import BundleInputError
 from scripts.inference.predict import scale_name
+from scripts.mil.contract import check_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +91,8 @@ def export_model_repository(
     scales = settings["scales_mpp"]
     if len(encoders) != len(scales):
         raise BundleInputError(None, f"{len(encoders)} encoders for {len(scales)} scales", "give one encoder per scale")
+    check_encoders(network, encoders, settings["encoder_arch"], deploy_dir)  # those the model's features came from
     contract = getattr(network, "csmil_contract", None)
-    if contract and contract.get("encoders"):
-        from scripts.features.encoders import encoder_signature
-
-        sigs = [encoder_signature(e, settings["encoder_arch"]) for e in encoders]
-        if sigs != contract["encoders"]:
-            raise BundleInputError(deploy_dir, "the encoders to export are not those whose features the model was trained on",
-                                   "export with the encoder weights of training (--encoder_weights, --encoder_arch)")
     settings.update(bundle_version=__version__, encoder_dirs=encoder_dirs(scales), csmil_dir=CSMIL_DIR, contract=contract)
     metadata = json.loads(Path(meta_file).read_text()) if meta_file else {}
     network = network.cpu().eval()

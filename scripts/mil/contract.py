@@ -6,7 +6,7 @@ state-dict hook), so ``model.pt`` stays a plain state dict that MONAI's ``ckpt_e
 (scales, patch size, encoder architecture and weights, preprocessing), how bags are built (clusters), the label
 map, the model and the bundle version. Inference, evaluation of a checkpoint and the Deploy export compare it
 with the command's settings and refuse a conflict with one line naming both values
-(:func:`check_settings`, :func:`check_features`).
+(:func:`check_settings`, :func:`check_encoders`, :func:`check_features`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scripts.errors import BundleInputError
 logger = logging.getLogger(__name__)
 
 CONTRACT_KEY = "csmil_contract"
-#: settings compared between the checkpoint and the command (id -> how to say it on the command line)
+#: config ids compared between the checkpoint and the command
 SETTINGS = ("mil_model", "scales_mpp", "patch_size", "num_clusters", "cluster_scale_mpp", "encoder_arch", "in_features", "label_map")
 
 
@@ -131,7 +131,7 @@ def _cli(v: Any) -> str:
         return "[" + ",".join(_cli(x) for x in v) + "]"
     if isinstance(v, float):
         return f"{v:g}"
-    return str(v) if not isinstance(v, dict) else str(v)
+    return str(v)
 
 
 def _short(encoders: Any) -> str:
