@@ -267,3 +267,70 @@ def test_inference_refuses_other_encoders_before_encoding(tmp_path):
         contract.check_encoders(net, build_scale_encoders("tiny", 3, seed=5), "tiny", tmp_path / "model.pt")
     raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
     assert "check_encoders" in raw["infer_network"] and "@entries" not in raw["infer_network"]  # checked before extraction
+
+
+def test_trained_settings_are_taken_before_any_is_read(tmp_path):
+    from scripts.mil.contract import TrainedSettings
+
+    s = TrainedSettings()
+    assert s.take(tmp_path / "missing.pt") and s.values == {} and s.get("num_clusters", 8) == 8  # nothing to take
+    with pytest.raises(RuntimeError, match="before the checkpoint"):
+        s.take(tmp_path / "missing.pt")  # a setting was read already: the config's order is wrong
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    for run_id in ("inference", "export"):
+        assert raw[run_id][0] == "$@trained_settings.take(@ckpt_path)", run_id  # first item: before every check
+    from scripts.mil.contract import SETTINGS, TAKEN
+
+    for key in [k for k in SETTINGS + TAKEN if k != "in_features"]:
+        assert raw[key].startswith(f"$@trained_settings.get('{key}', "), key
+        assert raw["model_contract"][key] == f"@{key}", key  # recorded by training
+
+
+@pytest.mark.slow
+def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_upgrade(trained, tmp_path):
+    """A model trained with other settings than the defaults: inference and export need no override, a
+    conflicting one stops with one line; a weights-only copy (0.11 style) is upgraded to the same contract."""
+    import torch
+
+    from scripts.deploy.runtime import DeployModels
+    from scripts.mil.contract import read_file
+
+    shutil.copytree(trained / "out" / "cache", tmp_path / "cache")  # tiles and features; clusters are made again (k = 4)
+    common = ["--dataset_dir", str(trained / "demo"), "--cache_dir", str(tmp_path / "cache"), "--ckpt_dir", str(tmp_path / "models"),
+              "--progress", "False"]
+    settings = ["--num_clusters", "4", "--mil_model", "csmil", "--seed", "3", "--bag_per_cluster", "4"]
+
+    def bundle(*args):
+        return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, *common], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+
+    r = bundle("training", "--config_file", "configs/train.yaml", "--output_dir", str(tmp_path / "train"), "--max_epochs", "1",
+               "--val_fraction", "0.5", *settings)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained_with = read_file(tmp_path / "models" / "model.pt")
+    assert (trained_with["num_clusters"], trained_with["mil_model"], trained_with["seed"], trained_with["bag_per_cluster"]) == (4, "csmil", 3, 4)
+    r = bundle("inference", "--config_file", "configs/inference.yaml", "--output_dir", str(tmp_path / "pred"), "--num_bags", "5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "settings from the checkpoint" in r.stdout + r.stderr and "num_clusters=4" in r.stdout + r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert len(rows) == 4 and all(0 <= float(x["probability"]) <= 1 for x in rows)
+    r = bundle("inference", "--config_file", "configs/inference.yaml", "--output_dir", str(tmp_path / "pred2"), "--num_clusters", "8")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "num_clusters = 4 but this run has num_clusters = 8" in r.stderr
+    r = bundle("export", "--config_file", "configs/deploy.yaml", "--output_dir", str(tmp_path / "exp"), "--deploy_dir", str(tmp_path / "deploy"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = DeployModels(tmp_path / "deploy").settings
+    assert exported["num_clusters"] == 4 and exported["contract"]["mil_model"] == "csmil"
+    # a 0.11-style checkpoint (weights only) gets the same contract from the training command's overrides
+    old = tmp_path / "old" / "model.pt"
+    old.parent.mkdir()
+    torch.save(dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True)), old)
+    assert read_file(old) is None
+    up = subprocess.run([sys.executable, "-m", "scripts.mil.upgrade_checkpoint", str(old), "--output_dir", str(tmp_path / "train"), *settings],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr[-3000:]
+    upgraded = read_file(old)
+    assert upgraded.pop("upgraded_from") == "model.pt" and upgraded == trained_with
+    assert (old.parent / "model.pt.orig").is_file()
+    again = subprocess.run([sys.executable, "-m", "scripts.mil.upgrade_checkpoint", str(old)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and again.stderr.strip().splitlines()[-1].startswith("error: ") and "already carries" in again.stderr

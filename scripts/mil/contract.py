@@ -4,9 +4,11 @@ The contract rides in the state dict's metadata (``state_dict._metadata[""]["csm
 state-dict hook), so ``model.pt`` stays a plain state dict that MONAI's ``ckpt_export`` and
 ``torch.load(weights_only=True)`` read as before. It holds the settings that decide what the features mean
 (scales, patch size, encoder architecture and weights, preprocessing), how bags are built (clusters), the label
-map, the model and the bundle version. Inference, evaluation of a checkpoint and the Deploy export compare it
-with the command's settings and refuse a conflict with one line naming both values
-(:func:`check_settings`, :func:`check_encoders`, :func:`check_features`).
+map, the model and the bundle version. Inference and the Deploy export *take* these settings from the checkpoint
+(:class:`TrainedSettings`: every id the command does not set comes from the checkpoint), then compare what the
+command did set and refuse a conflict with one line naming both values (:func:`check_settings`,
+:func:`check_encoders`, :func:`check_features`). A weights-only checkpoint of 0.11 or earlier gets its contract
+with ``python -m scripts.mil.upgrade_checkpoint`` (:mod:`scripts.mil.upgrade_checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,52 @@ logger = logging.getLogger(__name__)
 CONTRACT_KEY = "csmil_contract"
 #: config ids compared between the checkpoint and the command
 SETTINGS = ("mil_model", "scales_mpp", "patch_size", "num_clusters", "cluster_scale_mpp", "encoder_arch", "in_features", "label_map")
+#: further ids recorded and taken by inference / export, but free to override (their effect is checked elsewhere:
+#: encoders and preprocessing by hash, the rest only changes how bags are drawn)
+TAKEN = ("seed", "encoder_weights", "encoder_weights_prefix", "normalize_mean", "normalize_std", "bag_per_cluster")
+
+
+class TrainedSettings:
+    """The settings a command takes from its checkpoint; one object per config parse (id ``trained_settings``).
+
+    The setting ids of configs/train.yaml read ``@trained_settings.get(id, default)``: empty (the default) for
+    training and the data stages; inference and export call :meth:`take` first (the first item of their run
+    list), so every id the command does not set on the command line is the checkpoint's. An override replaces the
+    expression itself and is then compared with the checkpoint by :func:`check_settings`.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.read_ids: set[str] = set()
+        self.source: str | None = None
+
+    def take(self, ckpt_path: str | Path) -> bool:
+        """Read the contract of ``ckpt_path`` (nothing when the file is missing, unreadable or from before 0.12.0:
+        loading it later says why). Returns True."""
+        if self.read_ids:  # a setting was resolved before the checkpoint was read: the config's order is wrong
+            raise RuntimeError(f"settings {sorted(self.read_ids)} were read before the checkpoint's; take() must come first")
+        contract = read_file(ckpt_path)
+        if contract:
+            self.values = {k: contract[k] for k in SETTINGS + TAKEN if k in contract and k != "in_features"}
+            self.source = str(ckpt_path)
+            logger.info("settings from the checkpoint %s: %s", ckpt_path, ", ".join(f"{k}={_cli(v)}" for k, v in self.values.items()))
+        return True
+
+    def get(self, key: str, default: Any) -> Any:
+        """The checkpoint's value of ``key`` when one was taken, else ``default``."""
+        self.read_ids.add(key)
+        return self.values.get(key, default)
+
+
+def read_file(ckpt_path: str | Path) -> dict | None:
+    """The contract of the checkpoint file, or None (missing, unreadable or from before 0.12.0)."""
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load_network reports an unreadable checkpoint with the fix
+        return None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return read(state)
 
 
 def make_contract(**settings: Any) -> dict:
@@ -72,7 +120,8 @@ def check_settings(contract: Mapping[str, Any] | None, current: Mapping[str, Any
         return
     for key in SETTINGS:
         if key in contract and key in current and _plain(current[key]) != contract[key]:
-            fix = f"pass --{key} {_cli(contract[key])} (the checkpoint's) or use a checkpoint trained with {_cli(_plain(current[key]))}"
+            fix = (f"leave out --{key} (inference and export take the checkpoint's {_cli(contract[key])}) or use a checkpoint "
+                   f"trained with {_cli(_plain(current[key]))}")
             if key == "in_features":
                 fix = f"use the encoder the checkpoint was trained with (encoder_arch {contract.get('encoder_arch')!r})"
             raise BundleInputError(ckpt_path, f"the model was trained with {key} = {_cli(contract[key])} but this run has "
