@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,7 +87,7 @@ def pyramid_1_2_4(tmp_path_factory, textured_image) -> Path:
 TINY_DEMO = DemoParams(num_patients=4, size=1536, seed=1)
 
 #: the MIL model the bundle trains by default (configs/train.yaml ``mil_model``)
-DEFAULT_MIL_MODEL = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["mil_model"]
+DEFAULT_MIL_MODEL = ConfigParser(yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())).get_parsed_content("mil_model")
 
 
 def default_network(in_features: int = 128, **kw):
