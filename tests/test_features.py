@@ -173,3 +173,80 @@ def test_mismatched_encoder_weights_are_explained(tmp_path):
     with pytest.raises(BundleInputError, match="do not match the ResNet network") as err:
         build_encoder("tiny", path)
     assert "conv1.weight (1,) vs (16, 3, 7, 7)" in str(err.value) and "encoder_arch" in err.value.fix
+
+
+class WholeChain:
+    """The patch chain run whole in the loader (float32 patches, as before 0.13): not a Compose, so extraction
+    cannot move its intensity transforms to the device."""
+
+    def __init__(self, chain) -> None:
+        self.chain = chain
+
+    def __call__(self, item):
+        return self.chain(item)
+
+
+def _config_chain():
+    from scripts.workflows.pipeline_config import pipeline_parser
+
+    return pipeline_parser().get_parsed_content("preprocessing")
+
+
+def test_uint8_loader_and_device_preprocessing_give_the_features_of_the_float_path(cohort, tmp_path):
+    """Workers that own whole cells and hand over uint8 patches, intensity transforms on the device: the same
+    store, bit for bit, as the whole float chain in the loader, with 0 and 2 workers and batches that span slides."""
+    records, tiles, _ = cohort
+    ref = extract_cohort(records, tiles, tmp_path / "ref", build_scale_encoders("tiny", 3), "tiny", WholeChain(_config_chain()), KEYS,
+                         {"v": 1}, batch_size=16, progress=False)
+    for workers in (0, 2):
+        new = extract_cohort(records, tiles, tmp_path / f"w{workers}", build_scale_encoders("tiny", 3), "tiny", _config_chain(), KEYS,
+                             {"v": 1}, batch_size=16, num_workers=workers, progress=False)
+        for a, b in zip(ref, new):
+            assert a.path.name == b.path.name  # same provenance: the store does not depend on where the arithmetic runs
+            assert a.features().tobytes() == b.features().tobytes(), (workers, a.path.name)
+            assert np.array_equal(a.coords(), b.coords())
+
+
+def test_patch_chain_splits_into_uint8_reader_and_a_device_module():
+    from monai.transforms import GaussianSmoothd
+
+    from scripts.features.device_preprocessing import PatchNormalize, PreprocessedEncoder, split_transform
+    from scripts.wsi.transforms import LoadMultiScaleRegiond
+
+    chain = _config_chain()
+    worker, module = split_transform(chain)
+    assert [type(t) for t in worker.transforms] == [LoadMultiScaleRegiond] and isinstance(module, PatchNormalize)
+    x = np.random.default_rng(0).integers(0, 256, (3, 256, 256), dtype=np.uint8)
+    item = {k: x for k in KEYS}
+    for t in chain.transforms[1:]:
+        item = t(item)
+    assert torch.equal(module(torch.as_tensor(x)[None])[0], torch.as_tensor(item["scale_0"]))  # MONAI's arithmetic, bit for bit
+    assert split_transform(WholeChain(chain))[1] is None
+    odd = Compose([*chain.transforms, GaussianSmoothd(KEYS, 1.0)])  # a transform with no device form: stays in the loader
+    assert split_transform(odd) == (odd, None)
+    enc = PreprocessedEncoder(module, build_encoder("tiny")).eval()
+    scripted = torch.jit.script(enc)
+    u = torch.as_tensor(x)[None]
+    assert scripted.includes_preprocessing and torch.equal(scripted(u), enc(u))
+    assert encoder_signature(scripted, "tiny") == encoder_signature(build_encoder("tiny"), "tiny")  # hash of the backbone
+
+
+def test_workers_own_contiguous_runs_of_whole_cells():
+    from scripts.features.patch_loader import CellDealtPatches, cell_runs
+
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(0, 4000, (300, 2))
+    cells = np.floor(centres / 1000).astype(int)
+    order = np.lexsort((centres[:, 0], centres[:, 1], cells[:, 0], cells[:, 1]))  # cell by cell, as tiling orders them
+    coords = centres[order]
+    runs = cell_runs(coords, 1000.0)
+    assert runs[0] == 0 and runs[-1] == 300 and len(runs) - 1 == len({tuple(c) for c in cells})
+    ds = CellDealtPatches([{"path": "x", "mpp": 0.5, "coords": coords, "cell_px": 1000.0}] * 2, lambda d: d, [], 8)
+    for workers in (1, 2, 3):
+        blocks = [b for w in range(workers) for b in ds.blocks(w, workers)]
+        for si in (0, 1):
+            spans = sorted((a, b) for s, a, b in blocks if s == si)
+            assert spans[0][0] == 0 and spans[-1][1] == 300 and all(p[1] == q[0] for p, q in zip(spans, spans[1:]))  # a partition
+            assert all(a in set(runs.tolist()) for a, _ in spans)  # cut at cell boundaries only
+            if workers == 2:
+                assert all(abs((b - a) - 150) < 60 for a, b in spans)  # about equal shares

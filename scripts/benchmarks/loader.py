@@ -1,12 +1,17 @@
-"""Slide loader throughput without an encoder: positions per second that W DataLoader workers deliver to the
-main process through the bundle's own patch chain (the ``preprocessing`` of configs/train.yaml, items as
-extraction builds them), against W x the rate of the same chain in one process.
+"""Slide loader throughput without an encoder: positions per second that W loader workers deliver to the main
+process through the bundle's own patch chain (the ``preprocessing`` of configs/train.yaml), against W x the rate
+of the same chain in one process.
 
-    ratios: loader_scaling = (positions/s with W workers) / (W x positions/s in one process)
-            bytes_per_position = what one position costs to hand from a worker to the main process
+    loader (0.13): scripts.features.patch_loader - workers own whole cells and hand over uint8 batches
+                   (the intensity transforms run on the encoder's device, not here)
+    map-style float (0.12, the baseline, measured in the same run): a MONAI Dataset + DataLoader over items,
+                   the whole chain in the workers, batches dealt round-robin, float32 through shared memory
 
-The target of issue 16 is loader_scaling >= 0.8 with W = 2 on a 2-core machine; this benchmark measures the
-loader as it is (docs/performance.md).
+    ratios: loader_scaling = (positions/s with W workers) / (W x positions/s in one process), 0.13 loader
+            baseline_scaling = the same for the 0.12 loader
+            bytes_per_position = what one position costs to hand from a worker to the main process (0.13)
+
+The target of issue 16 is loader_scaling >= 0.8 with W = 2 on a 2-core machine (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from monai.data import DataLoader, Dataset
 
 from scripts.benchmarks.common import large_slide, report
 from scripts.data.manifest import SlideRecord
+from scripts.features.device_preprocessing import split_transform
+from scripts.features.patch_loader import CellDealtPatches, patch_loader
 
 
 def _items(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
-    """Loader items as :func:`scripts.features.extraction.extract_cohort` builds them."""
+    """Loader items as the 0.12 extraction built them (one dict per position)."""
     items = []
     for si, (rec, tdir) in enumerate(zip(records, tiles)):
         mpp = float(json.loads((tdir / "meta.json").read_text())["mpp"])
@@ -36,9 +43,17 @@ def _items(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
     return items
 
 
-def _rate(items: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int]:
-    """Positions per second delivered to this process, and bytes per position of the delivered batches."""
-    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=workers, shuffle=False)
+def _slides(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
+    """Slides as extraction hands them to :class:`CellDealtPatches`."""
+    out = []
+    for rec, tdir in zip(records, tiles):
+        meta = json.loads((tdir / "meta.json").read_text())
+        mpp = float(meta["mpp"])
+        out.append({"path": rec.path, "mpp": mpp, "coords": np.load(tdir / "coords.npy"), "cell_px": float(meta["tiling"]["read_cell_um"]) / mpp})
+    return out
+
+
+def _drain(loader) -> tuple[float, int]:
     n, nbytes = 0, 0
     t = time.perf_counter()
     for batch in loader:
@@ -46,6 +61,17 @@ def _rate(items: list[dict], transform, workers: int, batch_size: int) -> tuple[
         n += b
         nbytes += sum(v.element_size() * v.nelement() for k, v in batch.items() if k.startswith("scale_") and isinstance(v, torch.Tensor))
     return n / (time.perf_counter() - t), nbytes // max(1, n)
+
+
+def _rate_baseline(items: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int]:
+    """Positions per second of the 0.12 loader, and bytes per position of its batches."""
+    return _drain(DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=workers, shuffle=False))
+
+
+def _rate(slides: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int]:
+    """Positions per second of the 0.13 loader, and bytes per position of its batches."""
+    worker_transform, _ = split_transform(transform)
+    return _drain(patch_loader(CellDealtPatches(slides, worker_transform, [f"scale_{i}" for i in range(3)], batch_size), workers, False))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,14 +91,21 @@ def main(argv: list[str] | None = None) -> None:
     records = [SlideRecord(f"s{i}", f"p{i}", str(p), 0) for i, p in enumerate(paths)]
     parser = pipeline_parser({"cache_dir": str(work / "cache"), "output_dir": str(work / "out"), "progress": False})
     tiles = parser.get_parsed_content("prepare_slides")(records)["tiles"]  # not timed
-    items = _items(tiles, records)
-    one, per_pos = _rate(items, parser.get_parsed_content("preprocessing"), 0, args.batch_size)
-    many, _ = _rate(items, pipeline_parser().get_parsed_content("preprocessing"), args.workers, args.batch_size)
+    items, slides = _items(tiles, records), _slides(tiles, records)
+    transform = lambda: pipeline_parser().get_parsed_content("preprocessing")  # noqa: E731 - a fresh chain (fresh reader cache) per run
+    one, per_pos = _rate(slides, transform(), 0, args.batch_size)
+    many, _ = _rate(slides, transform(), args.workers, args.batch_size)
+    b_one, b_per_pos = _rate_baseline(items, transform(), 0, args.batch_size)
+    b_many, _ = _rate_baseline(items, transform(), args.workers, args.batch_size)
+    n = len(items)
     rows = [
-        {"loader": "one process (grouped reads)", "positions": len(items), "positions_per_s": one, "MB_per_position": per_pos / 2**20},
-        {"loader": f"{args.workers} workers", "positions": len(items), "positions_per_s": many, "MB_per_position": per_pos / 2**20},
+        {"loader": "0.13 one process", "positions": n, "positions_per_s": one, "MB_per_position": per_pos / 2**20},
+        {"loader": f"0.13 {args.workers} workers (cells, uint8)", "positions": n, "positions_per_s": many, "MB_per_position": per_pos / 2**20},
+        {"loader": "0.12 one process", "positions": n, "positions_per_s": b_one, "MB_per_position": b_per_pos / 2**20},
+        {"loader": f"0.12 {args.workers} workers (batches, float32)", "positions": n, "positions_per_s": b_many, "MB_per_position": b_per_pos / 2**20},
     ]
-    report("loader", rows, {"loader_scaling": many / (args.workers * one), "bytes_per_position": float(per_pos)}, args.json)
+    report("loader", rows, {"loader_scaling": many / (args.workers * one), "baseline_scaling": b_many / (args.workers * b_one),
+                            "bytes_per_position": float(per_pos)}, args.json)
 
 
 if __name__ == "__main__":

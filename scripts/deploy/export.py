@@ -84,6 +84,9 @@ def export_model_repository(
 ) -> Path:
     """Script CS-MIL and the per-scale encoders to TorchScript and write the repository atomically.
 
+    Encoders that carry their preprocessing (:class:`scripts.features.device_preprocessing.PreprocessedEncoder`,
+    as the pipeline config passes them) take the reader's uint8 patches (B, 3, H, W).
+
     Returns ``deploy_dir``. Each exported model is reloaded and checked against the eager one on a random input.
     """
     deploy_dir = Path(deploy_dir)
@@ -132,7 +135,11 @@ def _check_network(net: torch.nn.Module, path: Path, num_scales: int, num_cluste
 @torch.inference_mode()
 def _check_encoder(enc: torch.nn.Module, path: Path, patch_size: int) -> None:
     ts = torch.jit.load(str(path))
-    x = torch.randn(2, 3, patch_size, patch_size, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    if getattr(enc, "includes_preprocessing", False):  # takes the reader's uint8 patches
+        x = torch.randint(0, 256, (2, 3, patch_size, patch_size), generator=g, dtype=torch.uint8)
+    else:
+        x = torch.randn(2, 3, patch_size, patch_size, generator=g)
     torch.testing.assert_close(ts(x), enc(x), rtol=1e-4, atol=1e-4)
 
 

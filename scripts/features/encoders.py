@@ -84,7 +84,10 @@ def check_state_matches(net: torch.nn.Module, state: dict, path: str | Path, hin
 
 
 def encoder_signature(net: torch.nn.Module, arch: str) -> dict:
-    """Provenance of an encoder: architecture and a hash of its weights."""
+    """Provenance of an encoder: architecture and a hash of its weights (those of the backbone where the
+    encoder carries its preprocessing: the same network hashes the same either way)."""
+    if getattr(net, "includes_preprocessing", False):
+        net = net.backbone
     return {"arch": arch, "weights_sha": tensor_dict_hash(net.state_dict())}
 
 

@@ -1,8 +1,10 @@
 """Feature extraction: co-centred multi-scale patches -> one encoder per scale -> the feature store.
 
-All pending slides stream through one DataLoader (one slide handle per worker); each slide's features
-are gathered in memory ([N, S, D] float16, small) and its store entry is written atomically as soon as
-its last patch is encoded, so a killed run loses at most the slides in flight.
+All pending slides stream through one loader whose workers read whole cells of every slide as uint8
+(:mod:`scripts.features.patch_loader`); the intensity preprocessing runs on the encoder's device
+(:mod:`scripts.features.device_preprocessing`). Each slide's features are gathered in memory ([N, S, D]
+float16, small), every row in its position, and its store entry is written atomically as soon as its last
+patch is encoded, so a killed run loses at most the slides in flight.
 
 Several processes may fill one store at once (torchrun ranks, or independent jobs on a shared
 filesystem): a process claims a slide (``<entry>.lock``, :func:`scripts.cache.try_claim`) before encoding
@@ -24,14 +26,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
 from scripts.errors import BundleInputError, find_input_error
+from scripts.features.device_preprocessing import PreprocessedEncoder, includes_preprocessing, split_transform
 from scripts.features.encoders import encoder_signature
+from scripts.features.patch_loader import CellDealtPatches, patch_loader
 from scripts.features.store import FeatureEntry, is_complete
 
 logger = logging.getLogger(__name__)
@@ -216,40 +219,63 @@ def _failed_job(exc: BaseException, jobs: list):
 
 
 def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> list[str]:
-    items, counts = [], []
-    for si, (rec, tdir, _, _) in enumerate(pending):
-        coords = np.load(tdir / "coords.npy")
-        mpp = float(json.loads((tdir / "meta.json").read_text())["mpp"])  # as resolved when the slide was tiled
-        items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "mpp_force": True, "slide_index": si} for c in coords]
-        counts.append(len(coords))
-    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    encoders = [e.to(device).eval() for e in encoders]
+    """Encode the slides of ``pending``: workers read whole cells as uint8 (:mod:`scripts.features.patch_loader`),
+    the intensity preprocessing runs on ``device`` as the encoders' first layer
+    (:mod:`scripts.features.device_preprocessing`); on CUDA the host batches are pinned, copies are asynchronous
+    and a batch's features come back while the next batch is encoded."""
+    slides = []
+    for rec, tdir, _, _ in pending:
+        meta = json.loads((tdir / "meta.json").read_text())
+        mpp = float(meta["mpp"])  # as resolved when the slide was tiled
+        cell_um = float(meta.get("tiling", {}).get("read_cell_um") or 0.0)
+        slides.append({"path": rec.path, "mpp": mpp, "coords": np.load(tdir / "coords.npy"), "cell_px": cell_um / mpp if cell_um else 0.0})
+    counts = [len(s["coords"]) for s in slides]
+    worker_transform, on_device = split_transform(transform)
     cuda = device.type == "cuda"
-    encoders = [e.to(memory_format=torch.channels_last) for e in encoders]  # faster on CPU and GPU
+    loader = patch_loader(CellDealtPatches(slides, worker_transform, scale_keys, batch_size), num_workers, pin_memory=cuda)
+    if on_device is not None:
+        encoders = [e if includes_preprocessing(e) else PreprocessedEncoder(on_device, e) for e in encoders]
+    encoders = [e.to(device).eval().to(memory_format=torch.channels_last) for e in encoders]  # faster on CPU and GPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     buffers: dict[int, np.ndarray] = {}
     filled = [0] * len(pending)
     done: list[str] = []
-    bar = tqdm(total=len(items), desc="extract patches", unit="patch", disable=not progress)
+    bar = tqdm(total=sum(counts), desc="extract patches", unit="patch", disable=not progress)
+
+    def file_rows(features: torch.Tensor, ready: Any, slide_idx: np.ndarray, positions: np.ndarray) -> None:
+        if ready is not None:
+            ready.synchronize()  # the asynchronous copy of this batch's features has landed
+        f = features.numpy()  # [B, S, D] float32
+        for si in np.unique(slide_idx):
+            sel = slide_idx == si
+            buf = buffers.setdefault(int(si), np.empty((counts[si], len(encoders), f.shape[-1]), np.float16))
+            buf[positions[sel]] = f[sel]
+            filled[si] += int(sel.sum())
+            if filled[si] == counts[si]:
+                _write_entry(pending[si], buffers.pop(int(si)))
+                release_claim(pending[si][2])  # waiters may go on at once
+                done.append(pending[si][0].slide_id)
+        bar.update(len(slide_idx))
+
+    in_flight = None  # CUDA: the batch whose features are still being copied back while the next one is encoded
     with torch.inference_mode(), autocast:
-        for batch in loader:
-            feats = []
-            for enc, key in zip(encoders, scale_keys):
-                x = torch.as_tensor(batch[key]).to(device, non_blocking=True)
-                x = x.contiguous(memory_format=torch.channels_last)
-                feats.append(enc(x).float())
-            f = torch.stack(feats, dim=1).cpu().numpy()  # [B, S, D]
-            slide_idx = np.asarray(batch["slide_index"]).ravel()
-            for si in np.unique(slide_idx):
-                rows = f[slide_idx == si]
-                buf = buffers.setdefault(int(si), np.empty((counts[si], len(encoders), f.shape[-1]), np.float16))
-                buf[filled[si] : filled[si] + len(rows)] = rows
-                filled[si] += len(rows)
-                if filled[si] == counts[si]:
-                    _write_entry(pending[si], buffers.pop(int(si)))
-                    release_claim(pending[si][2])  # waiters may go on at once
-                    done.append(pending[si][0].slide_id)
-            bar.update(len(slide_idx))
+        try:
+            for batch in loader:
+                xs = [batch[key].to(device, non_blocking=True) for key in scale_keys]
+                feats = torch.stack([enc(x.contiguous(memory_format=torch.channels_last)).float() for enc, x in zip(encoders, xs)], dim=1)
+                rows = (batch["slide_index"].numpy(), batch["position"].numpy())
+                if in_flight is not None:
+                    file_rows(*in_flight)
+                    in_flight = None
+                if cuda:
+                    ready = torch.cuda.Event()
+                    in_flight = (feats.to("cpu", non_blocking=True), ready, *rows)
+                    ready.record()
+                else:
+                    file_rows(feats, None, *rows)
+        finally:  # a failing read later on must not lose a slide whose rows are all encoded
+            if in_flight is not None:
+                file_rows(*in_flight)
     bar.close()
     return done
 

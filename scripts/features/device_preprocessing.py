@@ -1,0 +1,147 @@
+"""Patch intensity preprocessing as the first layer of the encoder, run on the encoder's device.
+
+The pipeline config declares the patch chain as MONAI transforms (``preprocessing`` in configs/train.yaml: the
+multi-scale reader, then ``ScaleIntensityRanged``, ``NormalizeIntensityd``, ``EnsureTyped``). Extraction splits
+it (:func:`split_transform`): loader workers run the reader and hand over uint8 patches (a quarter of the bytes
+of float32), and the intensity transforms become a :class:`PatchNormalize` module in front of the encoder
+(:class:`PreprocessedEncoder`). The module repeats MONAI's arithmetic in MONAI's order, so on the CPU the
+features are bit-identical to running the transforms in the workers (tested). The Deploy export scripts the
+wrapped encoder, so a TorchScript encoder takes the uint8 patches the reader makes.
+
+Written here, not taken from a library: MONAI's transforms run per item on the host; no MONAI or torch layer
+turns a declared transform chain into a batched, scriptable device module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, Resized, ScaleIntensityRanged
+
+from scripts.errors import BundleInputError
+from scripts.wsi.transforms import LoadMultiScaleRegiond
+
+
+class PatchNormalize(torch.nn.Module):
+    """(B, C, H, W) uint8 or float patches -> float32: optional range scaling ``(x - a_min) / (a_max - a_min) *
+    (b_max - b_min) + b_min`` (clipped to [b_min, b_max] with ``clip``), then optional per-channel
+    ``(x - mean) / std``; the constants are non-persistent buffers (not in the state dict, so the encoder's
+    weights hash is that of its backbone)."""
+
+    def __init__(self, scale_range: Sequence[float] | None = None, clip: bool = False,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        a_min, a_max, b_min, b_max = [float(v) for v in (scale_range or (0.0, 1.0, 0.0, 1.0))]
+        self.scale = scale_range is not None
+        self.clip = bool(clip)
+        self.a_min, self.a_span, self.b_min, self.b_max, self.b_span = a_min, a_max - a_min, b_min, b_max, b_max - b_min
+        self.normalize = mean is not None
+        self.register_buffer("mean", torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        if self.scale:  # MONAI ScaleIntensityRange, same operations in the same order
+            x = (x - self.a_min) / self.a_span
+            x = x * self.b_span + self.b_min
+            if self.clip:
+                x = torch.clamp(x, self.b_min, self.b_max)
+        if self.normalize:  # MONAI NormalizeIntensity(channel_wise=True) with given subtrahend / divisor
+            x = (x - self.mean) / self.std
+        return x
+
+    def settings(self) -> dict:
+        return {"scale": self.scale, "a_min": self.a_min, "a_span": self.a_span, "b_min": self.b_min, "b_span": self.b_span,
+                "clip": self.clip, "normalize": self.normalize, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+class PreprocessedEncoder(torch.nn.Module):
+    """``backbone(preprocess(x))``: an encoder that takes the reader's uint8 patches (TorchScript-able)."""
+
+    def __init__(self, preprocess: torch.nn.Module, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.backbone = backbone
+        self.includes_preprocessing = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.preprocess(x).contiguous(memory_format=torch.channels_last))
+
+
+def includes_preprocessing(encoder: torch.nn.Module) -> bool:
+    """Whether ``encoder`` already carries its preprocessing (eager or TorchScript :class:`PreprocessedEncoder`)."""
+    return bool(getattr(encoder, "includes_preprocessing", False))
+
+
+def split_transform(transform: Any) -> tuple[Any, PatchNormalize | None]:
+    """``(worker_transform, device_module)`` of a declared patch chain.
+
+    The trailing intensity transforms (``ScaleIntensityRanged``, ``NormalizeIntensityd`` with given per-channel
+    subtrahend / divisor, ``EnsureTyped`` to float32) become one :class:`PatchNormalize`; a ``Resized`` right
+    after a reader that already resamples to its size is a no-op and is dropped (it only turned uint8 into
+    float). Anything else stays in the workers; a chain that cannot be split is returned whole with ``None``
+    (the workers then hand over float patches, as before 0.13)."""
+    if not isinstance(transform, Compose):
+        return transform, None
+    ts = list(transform.transforms)
+    keep, scale, clip, mean, std, convertible = [], None, False, None, None, True
+    for i, t in enumerate(ts):
+        tail = i >= _first_intensity(ts)
+        if not tail:
+            if isinstance(t, Resized) and _noop_resize(ts[:i], t):
+                continue
+            keep.append(t)
+        elif isinstance(t, ScaleIntensityRanged) and scale is None and mean is None:
+            sc = t.scaler
+            convertible = convertible and _float32(sc.dtype) and sc.a_max != sc.a_min
+            both = sc.b_min is not None and sc.b_max is not None  # MONAI maps to [b_min, b_max] only with both
+            scale = (sc.a_min, sc.a_max, sc.b_min if both else 0.0, sc.b_max if both else 1.0)
+            clip = bool(sc.clip) and both
+        elif isinstance(t, NormalizeIntensityd) and mean is None:
+            n = t.normalizer
+            if not (n.channel_wise and n.subtrahend is not None and n.divisor is not None and not n.nonzero and _float32(n.dtype)):
+                convertible = False
+            else:
+                mean, std = [float(v) for v in n.subtrahend], [float(v) for v in n.divisor]
+        elif isinstance(t, EnsureTyped) and all(_float32(v) for v in (t.dtype if isinstance(t.dtype, tuple) else (t.dtype,))):
+            continue
+        else:
+            convertible = False
+    if not convertible or (scale is None and mean is None):
+        return transform, None
+    return Compose(keep), PatchNormalize(scale, clip, mean, std)
+
+
+def _float32(dtype: Any) -> bool:
+    return dtype is None or dtype in (torch.float32, "float32", "torch.float32") or str(dtype) == "<class 'numpy.float32'>"
+
+
+def _first_intensity(ts: list) -> int:
+    for i, t in enumerate(ts):
+        if isinstance(t, (ScaleIntensityRanged, NormalizeIntensityd)):
+            return i
+    return len(ts)
+
+
+def _noop_resize(before: list, t: Resized) -> bool:
+    readers = [r for r in before if isinstance(r, LoadMultiScaleRegiond)]
+    size = [int(v) for v in t.resizer.spatial_size] if isinstance(t.resizer.spatial_size, (list, tuple)) else None
+    return bool(readers) and readers[-1].resize and size == [readers[-1].patch_size] * 2 and set(t.keys) <= set(readers[-1].keys)
+
+
+def with_preprocessing(encoders: Sequence[torch.nn.Module], transform: Any) -> list[torch.nn.Module]:
+    """Each encoder with the device part of ``transform`` in front (unchanged where it already has one)."""
+    _, module = split_transform(transform)
+    if module is None:
+        if any(includes_preprocessing(e) for e in encoders):
+            raise BundleInputError(None, "the encoders take uint8 patches but the patch preprocessing cannot run on the device",
+                                   "keep the config's intensity transforms (ScaleIntensityRanged, NormalizeIntensityd) last in 'preprocessing'")
+        return list(encoders)
+    return [e if includes_preprocessing(e) else PreprocessedEncoder(_copy(module), e) for e in encoders]
+
+
+def _copy(module: PatchNormalize) -> PatchNormalize:
+    s = module.settings()
+    scale = (s["a_min"], s["a_min"] + s["a_span"], s["b_min"], s["b_min"] + s["b_span"]) if s["scale"] else None
+    return PatchNormalize(scale, s["clip"], s["mean"] if s["normalize"] else None, s["std"] if s["normalize"] else None)
