@@ -241,12 +241,15 @@ def test_workers_own_contiguous_runs_of_whole_cells():
     coords = centres[order]
     runs = cell_runs(coords, 1000.0)
     assert runs[0] == 0 and runs[-1] == 300 and len(runs) - 1 == len({tuple(c) for c in cells})
-    ds = CellDealtPatches([{"path": "x", "mpp": 0.5, "coords": coords, "cell_px": 1000.0}] * 2, lambda d: d, [], 8)
-    for workers in (1, 2, 3):
+    slide = {"path": "x", "mpp": 0.5, "coords": coords, "cell_px": 1000.0}
+    ds = CellDealtPatches([slide] * 4, lambda d: d, [], 8)
+    assert ds.blocks(0, 2) == [(0, 0, 300), (2, 0, 300)] and ds.blocks(1, 2) == [(1, 0, 300), (3, 0, 300)]  # whole slides balance
+    for slides, workers in [(1, 2), (1, 3), (3, 2), (2, 3), (4, 2)]:
+        ds = CellDealtPatches([slide] * slides, lambda d: d, [], 8)
         blocks = [b for w in range(workers) for b in ds.blocks(w, workers)]
-        for si in (0, 1):
+        loads = [sum(b - a for _, a, b in ds.blocks(w, workers)) for w in range(workers)]
+        assert max(loads) <= 1.15 * 300 * slides / workers + max(np.diff(runs)), (slides, workers, loads)  # balanced to a cell
+        for si in range(slides):
             spans = sorted((a, b) for s, a, b in blocks if s == si)
             assert spans[0][0] == 0 and spans[-1][1] == 300 and all(p[1] == q[0] for p, q in zip(spans, spans[1:]))  # a partition
             assert all(a in set(runs.tolist()) for a, _ in spans)  # cut at cell boundaries only
-            if workers == 2:
-                assert all(abs((b - a) - 150) < 60 for a, b in spans)  # about equal shares

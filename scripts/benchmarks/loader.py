@@ -11,6 +11,10 @@ of the same chain in one process.
             baseline_scaling = the same for the 0.12 loader
             bytes_per_position = what one position costs to hand from a worker to the main process (0.13)
 
+Each row also shows the CPU seconds of the pass (main process and workers) and the cores busy on average:
+``W x one process`` assumes the one-process run uses one core, but torch parallelises the batch stacking there
+(workers run torch single-threaded), so on a machine with W cores the ratio is bounded below 1 by that.
+
 The target of issue 16 is loader_scaling >= 0.8 with W = 2 on a 2-core machine (docs/performance.md).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -53,22 +58,30 @@ def _slides(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
     return out
 
 
-def _drain(loader) -> tuple[float, int]:
+def _cpu_s() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _drain(loader) -> tuple[float, int, float]:
+    """Positions/s, bytes per position and CPU seconds (this process and its finished workers) of one pass."""
     n, nbytes = 0, 0
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu_s()
     for batch in loader:
         b = len(batch["slide_index"])
         n += b
         nbytes += sum(v.element_size() * v.nelement() for k, v in batch.items() if k.startswith("scale_") and isinstance(v, torch.Tensor))
-    return n / (time.perf_counter() - t), nbytes // max(1, n)
+    wall = time.perf_counter() - t
+    del loader  # workers end, so their CPU time is counted
+    return n / wall, nbytes // max(1, n), _cpu_s() - cpu
 
 
-def _rate_baseline(items: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int]:
+def _rate_baseline(items: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int, float]:
     """Positions per second of the 0.12 loader, and bytes per position of its batches."""
     return _drain(DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=workers, shuffle=False))
 
 
-def _rate(slides: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int]:
+def _rate(slides: list[dict], transform, workers: int, batch_size: int) -> tuple[float, int, float]:
     """Positions per second of the 0.13 loader, and bytes per position of its batches."""
     worker_transform, _ = split_transform(transform)
     return _drain(patch_loader(CellDealtPatches(slides, worker_transform, [f"scale_{i}" for i in range(3)], batch_size), workers, False))
@@ -93,16 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     tiles = parser.get_parsed_content("prepare_slides")(records)["tiles"]  # not timed
     items, slides = _items(tiles, records), _slides(tiles, records)
     transform = lambda: pipeline_parser().get_parsed_content("preprocessing")  # noqa: E731 - a fresh chain (fresh reader cache) per run
-    one, per_pos = _rate(slides, transform(), 0, args.batch_size)
-    many, _ = _rate(slides, transform(), args.workers, args.batch_size)
-    b_one, b_per_pos = _rate_baseline(items, transform(), 0, args.batch_size)
-    b_many, _ = _rate_baseline(items, transform(), args.workers, args.batch_size)
+    one, per_pos, one_cpu = _rate(slides, transform(), 0, args.batch_size)
+    many, _, many_cpu = _rate(slides, transform(), args.workers, args.batch_size)
+    b_one, b_per_pos, b_one_cpu = _rate_baseline(items, transform(), 0, args.batch_size)
+    b_many, _, b_many_cpu = _rate_baseline(items, transform(), args.workers, args.batch_size)
     n = len(items)
+    row = lambda name, rate, per, cpu: {"loader": name, "positions": n, "positions_per_s": rate, "MB_per_position": per / 2**20,  # noqa: E731
+                                        "cpu_s": cpu, "cores_busy": cpu * rate / n}
     rows = [
-        {"loader": "0.13 one process", "positions": n, "positions_per_s": one, "MB_per_position": per_pos / 2**20},
-        {"loader": f"0.13 {args.workers} workers (cells, uint8)", "positions": n, "positions_per_s": many, "MB_per_position": per_pos / 2**20},
-        {"loader": "0.12 one process", "positions": n, "positions_per_s": b_one, "MB_per_position": b_per_pos / 2**20},
-        {"loader": f"0.12 {args.workers} workers (batches, float32)", "positions": n, "positions_per_s": b_many, "MB_per_position": b_per_pos / 2**20},
+        row("0.13 one process", one, per_pos, one_cpu),
+        row(f"0.13 {args.workers} workers (cells, uint8)", many, per_pos, many_cpu),
+        row("0.12 one process", b_one, b_per_pos, b_one_cpu),
+        row(f"0.12 {args.workers} workers (batches, float32)", b_many, b_per_pos, b_many_cpu),
     ]
     report("loader", rows, {"loader_scaling": many / (args.workers * one), "baseline_scaling": b_many / (args.workers * b_one),
                             "bytes_per_position": float(per_pos)}, args.json)

@@ -33,16 +33,38 @@ def cell_runs(coords: np.ndarray, cell_px: float) -> np.ndarray:
     return np.concatenate([[0], change, [n]]).astype(np.int64)
 
 
-def worker_bounds(runs: np.ndarray, workers: int) -> list[int]:
-    """``workers + 1`` cut points into a slide's positions: contiguous runs of whole cells, about equal in size."""
+def split_at_cells(runs: np.ndarray, parts: int) -> list[int]:
+    """``parts + 1`` cut points into a slide's positions: contiguous runs of whole cells, about equal in size."""
     n = int(runs[-1])
     cuts = [0]
-    for w in range(1, workers):
-        target = n * w / workers
-        cut = int(runs[np.argmin(np.abs(runs - target))])
+    for w in range(1, parts):
+        cut = int(runs[np.argmin(np.abs(runs - n * w / parts))])
         cuts.append(max(cut, cuts[-1]))
     cuts.append(n)
     return cuts
+
+
+def deal_cells(runs: Sequence[np.ndarray], workers: int, tolerance: float = 1.15) -> list[list[tuple[int, int, int]]]:
+    """(slide, start, stop) blocks of each worker: whole slides where they balance the load, otherwise slides cut
+    into runs of whole cells (each cut costs the chunks both sides share), dealt longest first to the least loaded
+    worker; each worker's blocks in slide order. Deterministic."""
+    sizes = [int(r[-1]) for r in runs]
+    total = sum(sizes)
+    target = total / max(1, workers)
+    for _ in range(8):
+        blocks = []
+        for si, r in enumerate(runs):
+            cuts = split_at_cells(r, max(1, int(np.ceil(sizes[si] / target - 1e-9))) if target > 0 else 1)
+            blocks += [(si, a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        loads, owner = [0] * workers, {}
+        for blk in sorted(blocks, key=lambda b: (-(b[2] - b[1]), b[0], b[1])):
+            w = min(range(workers), key=lambda w: (loads[w], w))
+            owner[blk] = w
+            loads[w] += blk[2] - blk[1]
+        if workers == 1 or max(loads) <= tolerance * total / workers or target < 2:
+            break
+        target /= 2
+    return [sorted(b for b in blocks if owner[b] == w) for w in range(workers)]
 
 
 class CellDealtPatches(IterableDataset):
@@ -60,12 +82,7 @@ class CellDealtPatches(IterableDataset):
 
     def blocks(self, worker: int, workers: int) -> list[tuple[int, int, int]]:
         """(slide index, start, stop) of the positions ``worker`` of ``workers`` reads, in reading order."""
-        out = []
-        for si, runs in enumerate(self.runs):
-            cuts = worker_bounds(runs, workers)
-            if cuts[worker + 1] > cuts[worker]:
-                out.append((si, cuts[worker], cuts[worker + 1]))
-        return out
+        return deal_cells(self.runs, workers)[worker]
 
     def __len__(self) -> int:  # positions, for progress bars
         return sum(len(s["coords"]) for s in self.slides)
@@ -87,10 +104,18 @@ class CellDealtPatches(IterableDataset):
             yield self._collate(rows)
 
     def _collate(self, rows: list[tuple[int, int, dict]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {k: torch.stack([torch.as_tensor(r[2][k]) for r in rows]) for k in self.scale_keys}
+        shared = get_worker_info() is not None  # stack straight into shared memory: the hand-over then copies nothing
+        batch: dict[str, Any] = {k: _stack([torch.as_tensor(r[2][k]) for r in rows], shared) for k in self.scale_keys}
         batch["slide_index"] = torch.tensor([r[0] for r in rows], dtype=torch.int64)
         batch["position"] = torch.tensor([r[1] for r in rows], dtype=torch.int64)
         return batch
+
+
+def _stack(tensors: list[torch.Tensor], shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
+    return torch.stack(tensors, out=out)
 
 
 def patch_loader(dataset: CellDealtPatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
