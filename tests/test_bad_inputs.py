@@ -355,6 +355,42 @@ def case_checkpoint_other_encoders(tmp):
     contract.check_features(net, [entry], tmp / "model.pt")
 
 
+def case_encoder_file_not_exported(tmp):
+    import torch
+
+    from scripts.features.encoder_files import encoder_spec
+    from scripts.features.encoders import build_backbone
+
+    torch.save(build_backbone("tiny").state_dict(), tmp / "encoder.pt")  # a state dict, not an exported network
+    encoder_spec(tmp / "encoder.pt")
+
+
+def case_encoder_file_returns_tokens(tmp):
+    import torch
+
+    from scripts.features.encoder_files import encoder_spec
+
+    class Tokens(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2)
+
+    torch.jit.save(torch.jit.script(Tokens()), str(tmp / "vit.ts"))
+    encoder_spec(tmp / "vit.ts")
+
+
+def case_encoder_preprocessing_unknown_field(tmp):
+    import json
+
+    import torch
+
+    from scripts.features.encoder_files import encoder_spec
+    from scripts.features.encoders import build_backbone
+
+    torch.jit.save(torch.jit.script(build_backbone("tiny").eval()), str(tmp / "vit.ts"))
+    (tmp / "vit.preprocessing.json").write_text(json.dumps({"input_size": 224, "norm_mean": [0.5, 0.5, 0.5]}))
+    encoder_spec(tmp / "vit.ts")
+
+
 #: case -> words the message must contain (besides the fix)
 CASES = {
     "manifest_missing": (case_manifest_missing, "manifest not found"),
@@ -405,6 +441,9 @@ CASES = {
     "manifest_bad_split": (case_manifest_bad_split, "is not one of"),
     "checkpoint_other_settings": (case_checkpoint_other_settings, "trained with scales_mpp = [0.5,1,2]"),
     "checkpoint_other_encoders": (case_checkpoint_other_encoders, "features of encoders"),
+    "encoder_file_not_exported": (case_encoder_file_not_exported, "cannot be loaded as an exported encoder"),
+    "encoder_file_returns_tokens": (case_encoder_file_returns_tokens, "not [batch, features]"),
+    "encoder_preprocessing_unknown_field": (case_encoder_preprocessing_unknown_field, "unknown field"),
 }
 
 

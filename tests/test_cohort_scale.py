@@ -183,7 +183,7 @@ def test_planner_counts_patches_and_storage(reference, tmp_path):
     assert int(sum(int(x["store_bytes"]) for x in rows)) == n * 3 * 128 * 2 + n * 16 + 6 * 4096
     total = r.stdout.strip().splitlines()[-1]
     assert f"{n} patches per scale x 3 scales" in total
-    assert f"about {n / 20 / 3600:.2f} h on 2 GPU(s)" in total
+    assert f"about {n / 20 / 3600:.2f} h on 2 GPU(s) at 10 patches/s each (given)" in total
 
 
 def test_planner_names_a_missing_manifest(tmp_path):

@@ -180,7 +180,8 @@ def test_every_tunable_has_a_rule_and_is_checked():
                 and not str(v).startswith(("$", "@", "%"))
                 and k not in ("bundle_root", "input", "label_map", "imports", "eval_models", "ablation_models", "ablation_values",
                               "ablation_id", "eval_test_manifest", "mil_model", "encoder_arch", "encoder_weights_prefix",
-                              "normalize_mean", "normalize_std", "demo_options", "train_overrides", "encoder_weights", "training")}
+                              "normalize_mean", "normalize_std", "demo_options", "train_overrides", "encoder_weights", "training",
+                              "pretrain_init_weights", "pretrain_init_prefix")}
     assert tunables <= set(RULES), sorted(tunables - set(RULES))
     docs = (ROOT / "docs" / "configuration.md").read_text()
     assert rules_table() in docs  # the documented table is the code's

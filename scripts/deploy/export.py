@@ -36,6 +36,9 @@ SETTINGS_FILE = "settings.json"
 METADATA_FILE = "metadata.json"
 CSMIL_DIR = "csmil"
 MODEL_FILE = "model.ts"
+#: an encoder exported with torch.export: the program and the settings of its input layer
+PROGRAM_FILE = "model.pt2"
+INPUT_FILE = "input.json"
 
 
 def encoder_dirs(scales_mpp: Sequence[float]) -> list[str]:
@@ -108,12 +111,29 @@ def export_model_repository(
         for name, enc in zip(settings["encoder_dirs"], encoders):
             (tmp / name).mkdir()
             enc = enc.cpu().eval()
-            torch.jit.save(torch.jit.script(enc), str(tmp / name / MODEL_FILE))
-            _check_encoder(enc, tmp / name / MODEL_FILE, int(settings["patch_size"]))
+            if _scriptable(enc):
+                torch.jit.save(torch.jit.script(enc), str(tmp / name / MODEL_FILE))
+                _check_encoder(enc, tmp / name / MODEL_FILE, int(settings["patch_size"]))
+            else:  # a torch.export program (TorchScript cannot hold it): the .pt2 file and its input settings
+                shutil.copy2(enc.file_path, tmp / name / PROGRAM_FILE)
+                (tmp / name / INPUT_FILE).write_text(json.dumps(input_settings(enc.preprocess), indent=2))
+                _check_encoder(enc, tmp / name / PROGRAM_FILE, int(settings["patch_size"]))
         if deploy_dir.exists():  # replace an earlier export only once the new one is complete
             _remove_repository(deploy_dir)
     logger.info("exported the Deploy model repository to %s (%s + %s)", deploy_dir, CSMIL_DIR, ", ".join(settings["encoder_dirs"]))
     return deploy_dir
+
+
+def input_settings(module: torch.nn.Module) -> dict:
+    from scripts.features.encoder_files import input_settings as settings
+
+    return settings(module)
+
+
+def _scriptable(enc: torch.nn.Module) -> bool:
+    from scripts.features.encoder_files import ExportedProgram
+
+    return not any(isinstance(m, ExportedProgram) for m in enc.modules())
 
 
 def _remove_repository(path: Path) -> None:
@@ -134,13 +154,23 @@ def _check_network(net: torch.nn.Module, path: Path, num_scales: int, num_cluste
 
 @torch.inference_mode()
 def _check_encoder(enc: torch.nn.Module, path: Path, patch_size: int) -> None:
-    ts = torch.jit.load(str(path))
+    ts = load_encoder(path.parent)
     g = torch.Generator().manual_seed(0)
     if getattr(enc, "includes_preprocessing", False):  # takes the reader's uint8 patches
         x = torch.randint(0, 256, (2, 3, patch_size, patch_size), generator=g, dtype=torch.uint8)
     else:
         x = torch.randn(2, 3, patch_size, patch_size, generator=g)
     torch.testing.assert_close(ts(x), enc(x), rtol=1e-4, atol=1e-4)
+
+
+def load_encoder(folder: Path) -> torch.nn.Module:
+    """The encoder of one repository folder: ``model.ts`` (TorchScript), or ``model.pt2`` + ``input.json``."""
+    folder = Path(folder)
+    if (folder / PROGRAM_FILE).is_file():
+        from scripts.features.encoder_files import encoder_from_parts
+
+        return encoder_from_parts(json.loads((folder / INPUT_FILE).read_text()), folder / PROGRAM_FILE)
+    return torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
 
 
 EXPORT_FIX = "export it with: python -m monai.bundle run export --config_file configs/deploy.yaml, and pass that folder with -m"

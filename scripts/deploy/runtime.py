@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.deploy.export import CSMIL_DIR, EXPORT_FIX, MODEL_FILE, load_csmil
+from scripts.deploy.export import CSMIL_DIR, EXPORT_FIX, MODEL_FILE, PROGRAM_FILE, load_csmil, load_encoder
 from scripts.errors import BundleInputError
 from scripts.wsi.tiling import TilingParams
 from scripts.wsi.tissue import TissueParams
@@ -24,7 +24,8 @@ class DeployModels:
         self.root = Path(self.root)
         if not (self.root / CSMIL_DIR / MODEL_FILE).is_file():
             raise BundleInputError(self.root, f"no {CSMIL_DIR}/{MODEL_FILE} in the model folder", EXPORT_FIX)
-        missing = [d for d in self.settings["encoder_dirs"] if not (self.root / d / MODEL_FILE).is_file()]
+        missing = [d for d in self.settings["encoder_dirs"]
+                   if not (self.root / d / MODEL_FILE).is_file() and not (self.root / d / PROGRAM_FILE).is_file()]
         if missing:
             raise BundleInputError(self.root, f"encoder model(s) missing: {', '.join(f'{d}/{MODEL_FILE}' for d in missing)}", EXPORT_FIX)
 
@@ -47,8 +48,9 @@ class DeployModels:
         return self._csmil[0]
 
     @cached_property
-    def encoders(self) -> list[torch.jit.ScriptModule]:
-        return [torch.jit.load(str(self.root / d / MODEL_FILE), map_location="cpu").eval() for d in self.settings["encoder_dirs"]]
+    def encoders(self) -> list[torch.nn.Module]:
+        """One per scale: TorchScript, or a torch.export program with its input layer (``model.pt2``)."""
+        return [load_encoder(self.root / d) for d in self.settings["encoder_dirs"]]
 
     @cached_property
     def tiling(self) -> TilingParams:

@@ -29,22 +29,47 @@ ARCHS = {
 
 def build_backbone(arch: str = "resnet50") -> torch.nn.Module:
     """A 2-D MONAI ResNet without its classifier: (B, 3, H, W) -> (B, D)."""
+    from scripts.features.encoder_files import is_encoder_file
+
+    if arch not in ARCHS and is_encoder_file(arch):
+        raise BundleInputError(arch, "SimSiam pretraining builds a built-in architecture, not an exported encoder file",
+                               f"pretrain one of {sorted(ARCHS)} (optionally from --pretrain_init_weights) or use the file with "
+                               "--encoder_weights null")
     if arch not in ARCHS:
         raise BundleInputError(None, f"unknown encoder architecture '{arch}'", f"choose one of {sorted(ARCHS)}")
     return ResNet(spatial_dims=2, n_input_channels=3, feed_forward=False, **ARCHS[arch])
 
 
-def feature_dim(arch: str) -> int:
+def feature_dim(arch: str | list, patch_size: int = 256) -> int:
+    """Feature size D of ``encoder_arch`` (an exported file: found by a probe forward)."""
+    from scripts.features.encoder_files import encoder_spec, is_encoder_file
+
+    if is_encoder_file(arch):
+        dims = {encoder_spec(p, patch_size).feature_dim for p in (arch if isinstance(arch, (list, tuple)) else [arch])}
+        if len(dims) > 1:
+            raise BundleInputError(str(arch), f"the per-scale encoder files give different feature sizes {sorted(dims)}",
+                                   "use encoders with one feature size at every scale (the MIL model takes [N, S, D])")
+        return dims.pop()
+    if arch not in ARCHS:
+        raise BundleInputError(None, f"unknown encoder architecture '{arch}'",
+                               f"choose one of {sorted(ARCHS)} or pass an exported encoder file (docs/encoders.md)")
     spec = ARCHS[arch]
     return spec["block_inplanes"][-1] * (4 if spec["block"] == "bottleneck" else 1)
 
 
 def load_state(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Load a state dict safely (``weights_only=True``), unwrapping ``state_dict``/``model`` and a prefix."""
+    """Load a state dict safely (``weights_only=True``), unwrapping ``state_dict``/``model`` and a prefix; from an
+    exported network (TorchScript / ``.pt2``), its parameters and buffers."""
     path = Path(path)
     if not path.is_file():
         raise BundleInputError(path, "encoder weights not found", "run the pretrain stage or fix 'encoder_weights' in the config")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix in (".ts", ".jit", ".torchscript", ".pt2"):  # an exported network: its parameters and buffers
+        from scripts.features.encoder_files import load_module
+
+        module = load_module(path)
+        state = dict(getattr(module, "program", module).state_dict())
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "encoder"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -86,15 +111,34 @@ def check_state_matches(net: torch.nn.Module, state: dict, path: str | Path, hin
 def encoder_signature(net: torch.nn.Module, arch: str) -> dict:
     """Provenance of an encoder: architecture and a hash of its weights (those of the backbone where the
     encoder carries its preprocessing: the same network hashes the same either way)."""
+    file_sha = getattr(net, "file_sha256", None)
+    if file_sha:  # an exported encoder file: its bytes and the input preprocessing it was given
+        from scripts.features.encoder_files import input_settings
+
+        return {"arch": "file:" + str(getattr(net, "file_name", "")), "weights_sha": str(file_sha), "input": input_settings(net.preprocess)}
     if getattr(net, "includes_preprocessing", False):
         net = net.backbone
     return {"arch": arch, "weights_sha": tensor_dict_hash(net.state_dict())}
 
 
 def build_scale_encoders(
-    arch: str, num_scales: int, weights: list[str | None] | None = None, seed: int = 0, prefix: str = ""
+    arch: str | list, num_scales: int, weights: list[str | None] | None = None, seed: int = 0, prefix: str = "",
+    patch_size: int = 256, mean: list[float] | None = None, std: list[float] | None = None,
 ) -> list[torch.nn.Module]:
-    """One encoder per scale (the paper trains one SimSiam model per magnification)."""
+    """One encoder per scale (the paper trains one SimSiam model per magnification). ``arch`` may be an exported
+    encoder file (shared by the scales) or a list with one per scale (:mod:`scripts.features.encoder_files`;
+    ``patch_size``, ``mean`` and ``std`` are the defaults of its preprocessing)."""
+    from scripts.features.encoder_files import build_file_encoder, is_encoder_file
+
+    if is_encoder_file(arch):
+        paths = list(arch) if isinstance(arch, (list, tuple)) else [arch] * num_scales
+        if len(paths) != num_scales:
+            raise BundleInputError(str(arch), f"{len(paths)} encoder files for {num_scales} scales", "give one file, or one per scale")
+        if weights and any(weights):
+            raise BundleInputError(str(weights), "an exported encoder file carries its own weights",
+                                   "leave --encoder_weights null with an encoder file (or export the trained network again)")
+        kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+        return [build_file_encoder(p, patch_size, **kw) for p in paths]
     weights = list(weights) if weights else [None] * num_scales
     if not any(weights):
         logger.warning("encoders are randomly initialised (seed %d): fine for tests and the demo, not for real "

@@ -235,6 +235,9 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     loader = patch_loader(CellDealtPatches(slides, worker_transform, scale_keys, batch_size), num_workers, pin_memory=cuda)
     if on_device is not None:
         encoders = [e if includes_preprocessing(e) else PreprocessedEncoder(on_device, e) for e in encoders]
+    elif any(includes_preprocessing(e) for e in encoders):
+        raise BundleInputError(None, "the encoders take the reader's uint8 patches but the patch chain ends in transforms "
+                                     "that cannot run on the device", "keep ScaleIntensityRanged / NormalizeIntensityd last in 'preprocessing'")
     encoders = [e.to(device).eval().to(memory_format=torch.channels_last) for e in encoders]  # faster on CPU and GPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     buffers: dict[int, np.ndarray] = {}

@@ -26,7 +26,8 @@ from torch import nn
 from scripts.cache import atomic_write_bytes, atomic_write_json, stable_hash
 from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
-from scripts.features.encoders import build_backbone, feature_dim
+from scripts.errors import BundleInputError
+from scripts.features.encoders import build_backbone, check_state_matches, feature_dim, load_state
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def _pretrain_one_scale(
     num_workers: int,
     device: torch.device,
     progress: bool,
+    init_weights: str | None = None,
+    init_prefix: str = "",
 ) -> Path:
     final = out_dir / "encoder.pt"
     if final.is_file():
@@ -90,7 +93,14 @@ def _pretrain_one_scale(
     rank, world = rank_world()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = SimSiam(arch).to(device)
+    model = SimSiam(arch)
+    if init_weights:  # start from a given backbone (state dict or exported network of the same architecture)
+        state = load_state(init_weights, init_prefix)
+        check_state_matches(model.backbone, state, init_weights, "pass a backbone of --encoder_arch "
+                            f"{arch} (and --pretrain_init_prefix, e.g. 'backbone.')")
+        model.backbone.load_state_dict(state, strict=False)
+        logger.info("pretrain %s: backbone starts from %s", name, init_weights)
+    model = model.to(device)
     lr = base_lr * batch_size / 256  # batch_size is the global batch (split over ranks)
     if world > 1:
         if device.type == "cuda":  # SimSiam's projector / predictor batch norms need global-batch statistics
@@ -208,10 +218,21 @@ def pretrain_scales(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    init_weights: str | Sequence[str | None] | None = None,
+    init_prefix: str = "",
 ) -> list[str | None]:
     """Pretrain one SimSiam encoder per requested scale; returns one backbone weights file per scale of
     ``scales_mpp`` (``None`` for scales not pretrained). Finished scales are cached by a hash of the
-    patches and hyper-parameters; an interrupted scale resumes from its last epoch."""
+    patches and hyper-parameters (and of the starting backbone); an interrupted scale resumes from its last
+    epoch. ``init_weights``: a backbone to start from (a state dict or an exported network of ``arch``; one for
+    every scale, or a list with one per scale) instead of a random initialisation."""
+    inits = list(init_weights) if isinstance(init_weights, (list, tuple)) else [init_weights] * len(scales_mpp)
+    if len(inits) != len(scales_mpp):
+        raise BundleInputError(str(init_weights), f"{len(inits)} starting backbones for {len(scales_mpp)} scales",
+                               "give one file, or one per scale (null for a random start)")
+    for f in inits:
+        if f and not Path(f).is_file():
+            raise BundleInputError(f, "starting backbone for SimSiam not found", "fix --pretrain_init_weights")
     wanted = [float(s) for s in (pretrain_scales_mpp or scales_mpp)]
     rng = np.random.default_rng(seed)
     items = []
@@ -222,21 +243,30 @@ def pretrain_scales(
         mpp = float(json.loads((Path(tdir) / "meta.json").read_text())["mpp"])  # as resolved when the slide was tiled
         items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "mpp_force": True} for c in coords]
     out = []
-    for s in scales_mpp:
+    for s, init in zip(scales_mpp, inits):
         if float(s) not in wanted:
             out.append(None)
             continue
-        key = stable_hash({"tiles": [Path(t).name for t in tiles_dirs], "scale": float(s), "arch": arch, "epochs": epochs,
-                           "batch": batch_size, "lr": base_lr, "momentum": momentum, "wd": weight_decay,
-                           "max_patches": max_patches_per_slide, "seed": seed})
+        spec = {"tiles": [Path(t).name for t in tiles_dirs], "scale": float(s), "arch": arch, "epochs": epochs,
+                "batch": batch_size, "lr": base_lr, "momentum": momentum, "wd": weight_decay,
+                "max_patches": max_patches_per_slide, "seed": seed}
+        if init:  # a new starting backbone trains again (random starts keep their former cache keys)
+            spec["init"] = {"sha256": _file_sha(init), "prefix": init_prefix}
+        key = stable_hash(spec)
         name = f"{float(s):g}mpp"
         out_dir = Path(out_root) / f"{name}-{key}"
         atomic_write_json(Path(out_root) / f"{name}-{key}.json", {"scale_mpp": float(s), "arch": arch, "epochs": epochs,
                                                                    "batch_size": batch_size, "num_patches": len(items)})
         w = _pretrain_one_scale(name, items, transform_for_scale(float(s)), out_dir, arch, epochs, batch_size, base_lr,
-                                momentum, weight_decay, seed, num_workers, torch.device(device), progress)
+                                momentum, weight_decay, seed, num_workers, torch.device(device), progress, init, init_prefix)
         out.append(str(w))
     return out
+
+
+def _file_sha(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def read_history(weights: str | Path) -> list[dict]:

@@ -118,7 +118,11 @@ def check_settings(contract: Mapping[str, Any] | None, current: Mapping[str, Any
         logger.warning("%s: checkpoint from before 0.12.0 (no training contract): settings cannot be checked; "
                        "train again to record them", ckpt_path)
         return
+    from scripts.features.encoder_files import is_encoder_file
+
     for key in SETTINGS:
+        if key == "encoder_arch" and is_encoder_file(contract.get(key)) and is_encoder_file(current.get(key)):
+            continue  # encoder files are compared by their bytes' hash (check_encoders), not by where they lie
         if key in contract and key in current and _plain(current[key]) != contract[key]:
             fix = (f"leave out --{key} (inference and export take the checkpoint's {_cli(contract[key])}) or use a checkpoint "
                    f"trained with {_cli(_plain(current[key]))}")
