@@ -90,7 +90,7 @@ def _rate(slides: list[dict], transform, workers: int, batch_size: int) -> tuple
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks loader", description=__doc__)
     ap.add_argument("--workers", type=int, default=2, help="W")
-    ap.add_argument("--slides", type=int, default=4)
+    ap.add_argument("--slides", type=int, default=8)
     ap.add_argument("--size", type=int, default=4096, help="level-0 edge of each generated slide (px, 0.5 µm/px)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workdir", default=None)
