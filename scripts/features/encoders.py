@@ -138,7 +138,11 @@ def build_scale_encoders(
             raise BundleInputError(str(weights), "an exported encoder file carries its own weights",
                                    "leave --encoder_weights null with an encoder file (or export the trained network again)")
         kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
-        return [build_file_encoder(p, patch_size, **kw) for p in paths]
+        built: dict[str, torch.nn.Module] = {}  # a file shared by the scales is loaded once (one copy in memory)
+        for p in paths:
+            if str(p) not in built:
+                built[str(p)] = build_file_encoder(p, patch_size, **kw)
+        return [built[str(p)] for p in paths]
     weights = list(weights) if weights else [None] * num_scales
     if not any(weights):
         logger.warning("encoders are randomly initialised (seed %d): fine for tests and the demo, not for real "
