@@ -219,7 +219,8 @@ def test_a_torch_export_encoder_goes_into_the_deploy_repository(vit, tmp_path):
     assert not _scriptable(enc)
     folder = tmp_path / "encoder_20x"
     folder.mkdir()
-    from scripts.deploy.export import INPUT_FILE, input_settings
+    from scripts.deploy.export import INPUT_FILE
+    from scripts.features.encoder_files import input_settings
 
     (folder / PROGRAM_FILE).write_bytes(vit["pt2"].read_bytes())
     (folder / INPUT_FILE).write_text(json.dumps(input_settings(enc.preprocess)))

@@ -26,6 +26,7 @@ import yaml
 
 from scripts import __version__
 from scripts.cache import atomic_dir
+from scripts.features.encoder_files import input_settings
 from scripts.errors import BundleInputError
 from scripts.inference.predict import scale_name
 from scripts.mil.contract import check_encoders
@@ -122,12 +123,6 @@ def export_model_repository(
             _remove_repository(deploy_dir)
     logger.info("exported the Deploy model repository to %s (%s + %s)", deploy_dir, CSMIL_DIR, ", ".join(settings["encoder_dirs"]))
     return deploy_dir
-
-
-def input_settings(module: torch.nn.Module) -> dict:
-    from scripts.features.encoder_files import input_settings as settings
-
-    return settings(module)
 
 
 def _scriptable(enc: torch.nn.Module) -> bool:

@@ -51,10 +51,6 @@ class PatchNormalize(torch.nn.Module):
             x = (x - self.mean) / self.std
         return x
 
-    def settings(self) -> dict:
-        return {"scale": self.scale, "a_min": self.a_min, "a_span": self.a_span, "b_min": self.b_min, "b_span": self.b_span,
-                "clip": self.clip, "normalize": self.normalize, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
-
 
 class PreprocessedEncoder(torch.nn.Module):
     """``backbone(preprocess(x))``: an encoder that takes the reader's uint8 patches (TorchScript-able)."""
@@ -85,10 +81,10 @@ def split_transform(transform: Any) -> tuple[Any, PatchNormalize | None]:
     if not isinstance(transform, Compose):
         return transform, None
     ts = list(transform.transforms)
+    first = _first_intensity(ts)
     keep, scale, clip, mean, std, convertible = [], None, False, None, None, True
     for i, t in enumerate(ts):
-        tail = i >= _first_intensity(ts)
-        if not tail:
+        if i < first:
             if isinstance(t, Resized) and _noop_resize(ts[:i], t):
                 continue
             keep.append(t)
@@ -130,18 +126,17 @@ def _noop_resize(before: list, t: Resized) -> bool:
     return bool(readers) and readers[-1].resize and size == [readers[-1].patch_size] * 2 and set(t.keys) <= set(readers[-1].keys)
 
 
-def with_preprocessing(encoders: Sequence[torch.nn.Module], transform: Any) -> list[torch.nn.Module]:
-    """Each encoder with the device part of ``transform`` in front (unchanged where it already has one)."""
-    _, module = split_transform(transform)
+def attach(encoders: Sequence[torch.nn.Module], module: PatchNormalize | None) -> list[torch.nn.Module]:
+    """Each encoder with ``module`` in front (one shared instance: it holds no parameters), unchanged where it
+    already carries its preprocessing; without a device module, encoders that expect uint8 are refused."""
     if module is None:
         if any(includes_preprocessing(e) for e in encoders):
-            raise BundleInputError(None, "the encoders take uint8 patches but the patch preprocessing cannot run on the device",
-                                   "keep the config's intensity transforms (ScaleIntensityRanged, NormalizeIntensityd) last in 'preprocessing'")
+            raise BundleInputError(None, "the encoders take the reader's uint8 patches but the patch preprocessing cannot run on "
+                                         "the device", "keep ScaleIntensityRanged / NormalizeIntensityd last in 'preprocessing'")
         return list(encoders)
-    return [e if includes_preprocessing(e) else PreprocessedEncoder(_copy(module), e) for e in encoders]
+    return [e if includes_preprocessing(e) else PreprocessedEncoder(module, e) for e in encoders]
 
 
-def _copy(module: PatchNormalize) -> PatchNormalize:
-    s = module.settings()
-    scale = (s["a_min"], s["a_min"] + s["a_span"], s["b_min"], s["b_min"] + s["b_span"]) if s["scale"] else None
-    return PatchNormalize(scale, s["clip"], s["mean"] if s["normalize"] else None, s["std"] if s["normalize"] else None)
+def with_preprocessing(encoders: Sequence[torch.nn.Module], transform: Any) -> list[torch.nn.Module]:
+    """Each encoder with the device part of ``transform`` in front (:func:`attach`)."""
+    return attach(encoders, split_transform(transform)[1])

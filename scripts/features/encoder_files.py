@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,11 +61,6 @@ class EncoderSpec:
     std: tuple = (0.229, 0.224, 0.225)
     value_range: float = 255.0
     declared: dict = field(default_factory=dict)
-
-    def preprocessing(self) -> dict:
-        """The part the features depend on (provenance, checkpoint, Deploy settings)."""
-        d = asdict(self)
-        return {k: d[k] for k in ("input_size", "dtype", "resize_mode", "antialias", "mean", "std", "value_range")}
 
 
 def preprocessing_file(path: str | Path) -> Path:
@@ -207,9 +202,6 @@ class EncoderInput(torch.nn.Module):
                 x = F.interpolate(x, size=[self.input_size, self.input_size], mode=self.resize_mode)
         x = (x - self.mean) / self.std
         return x.to(self.out_dtype)
-
-    def settings(self) -> dict:
-        return input_settings(self)
 
 
 def input_settings(module: torch.nn.Module) -> dict:

@@ -32,7 +32,7 @@ from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_
 from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
 from scripts.errors import BundleInputError, find_input_error
-from scripts.features.device_preprocessing import PreprocessedEncoder, includes_preprocessing, split_transform
+from scripts.features.device_preprocessing import attach, split_transform
 from scripts.features.encoders import encoder_signature
 from scripts.features.patch_loader import CellDealtPatches, patch_loader
 from scripts.features.store import FeatureEntry, is_complete
@@ -233,12 +233,7 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     worker_transform, on_device = split_transform(transform)
     cuda = device.type == "cuda"
     loader = patch_loader(CellDealtPatches(slides, worker_transform, scale_keys, batch_size), num_workers, pin_memory=cuda)
-    if on_device is not None:
-        encoders = [e if includes_preprocessing(e) else PreprocessedEncoder(on_device, e) for e in encoders]
-    elif any(includes_preprocessing(e) for e in encoders):
-        raise BundleInputError(None, "the encoders take the reader's uint8 patches but the patch chain ends in transforms "
-                                     "that cannot run on the device", "keep ScaleIntensityRanged / NormalizeIntensityd last in 'preprocessing'")
-    encoders = [e.to(device).eval().to(memory_format=torch.channels_last) for e in encoders]  # faster on CPU and GPU
+    encoders = [e.to(device).eval().to(memory_format=torch.channels_last) for e in attach(encoders, on_device)]  # faster on CPU and GPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     buffers: dict[int, np.ndarray] = {}
     filled = [0] * len(pending)
