@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from scripts.workflows.pipeline_config import pipeline_parser
 
     parser = pipeline_parser()
-    torch.save(build_model(parser["mil_model"], in_features=128).state_dict(), work / "model.pt")  # tiny encoder: 128-d
+    torch.save(build_model(parser.get_parsed_content("mil_model"), in_features=128).state_dict(), work / "model.pt")  # tiny encoder: 128-d
     cmd = [sys.executable, "-c", LAUNCH, "run", "inference", "--config_file", "configs/inference.yaml",
            "--input", str(manifest.parent), "--ckpt_path", str(work / "model.pt"), "--cache_dir", str(work / "cache"),
            "--progress", "False"]
