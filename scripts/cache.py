@@ -43,6 +43,15 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 22) -> dict[str,
     return {"name": p.name, "size": size, "sha256_head_tail": h.hexdigest()}
 
 
+def file_sha256(path: str | os.PathLike, length: int = 16, chunk: int = 1 << 20) -> str:
+    """sha256 of a whole file's bytes (first ``length`` hex digits), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
 def tensor_dict_hash(state: dict[str, Any], length: int = 16) -> str:
     """Hash of a state dict's names, shapes and values (order independent)."""
     h = hashlib.sha256()

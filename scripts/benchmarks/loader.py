@@ -35,7 +35,7 @@ from monai.data import DataLoader, Dataset
 from scripts.benchmarks.common import large_slide, report
 from scripts.data.manifest import SlideRecord
 from scripts.features.device_preprocessing import split_transform
-from scripts.features.patch_loader import CellDealtPatches, patch_loader
+from scripts.features.patch_loader import CellDealtPatches, loader_slide, patch_loader
 
 
 def _items(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
@@ -46,16 +46,6 @@ def _items(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
         items += [{"path": rec.path, "centre": c.astype(np.float32), "mpp": mpp, "mpp_force": True, "slide_index": si}
                   for c in np.load(tdir / "coords.npy")]
     return items
-
-
-def _slides(tiles: list[Path], records: list[SlideRecord]) -> list[dict]:
-    """Slides as extraction hands them to :class:`CellDealtPatches`."""
-    out = []
-    for rec, tdir in zip(records, tiles):
-        meta = json.loads((tdir / "meta.json").read_text())
-        mpp = float(meta["mpp"])
-        out.append({"path": rec.path, "mpp": mpp, "coords": np.load(tdir / "coords.npy"), "cell_px": float(meta["tiling"]["read_cell_um"]) / mpp})
-    return out
 
 
 def _cpu_s() -> float:
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     records = [SlideRecord(f"s{i}", f"p{i}", str(p), 0) for i, p in enumerate(paths)]
     parser = pipeline_parser({"cache_dir": str(work / "cache"), "output_dir": str(work / "out"), "progress": False})
     tiles = parser.get_parsed_content("prepare_slides")(records)["tiles"]  # not timed
-    items, slides = _items(tiles, records), _slides(tiles, records)
+    items, slides = _items(tiles, records), [loader_slide(r.path, t) for r, t in zip(records, tiles)]
     transform = lambda: pipeline_parser().get_parsed_content("preprocessing")  # noqa: E731 - a fresh chain (fresh reader cache) per run
     one, per_pos, one_cpu = _rate(slides, transform(), 0, args.batch_size)
     many, _, many_cpu = _rate(slides, transform(), args.workers, args.batch_size)

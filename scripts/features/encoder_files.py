@@ -19,7 +19,6 @@ old features.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from scripts.cache import file_sha256
 from scripts.errors import BundleInputError
 
 logger = logging.getLogger(__name__)
@@ -108,19 +108,17 @@ class ExportedProgram(torch.nn.Module):
         return self
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(path: str, mtime: float) -> torch.nn.Module:
+    """The network of one file version, loaded once per process (the probe and the encoders share it)."""
+    return load_module(path)
 
 
 @functools.lru_cache(maxsize=16)
@@ -138,7 +136,7 @@ def _spec(path: str, mtime: float, patch_size: int, mean: tuple, std: tuple) -> 
             raise BundleInputError(jf, f"unknown field(s) {sorted(unknown)}", "use input_size, resize_mode, antialias, mean, std, value_range")
         if declared.get("resize_mode", "bilinear") not in MODES:
             raise BundleInputError(jf, f"resize_mode {declared['resize_mode']!r} is not one of {list(MODES)}", "choose one of them")
-    module = load_module(p)
+    module = _loaded(str(p), p.stat().st_mtime)
     dtype = _dtype(module)
     sizes = [int(declared["input_size"])] if "input_size" in declared else [patch_size, *[s for s in PROBE_SIZES if s != patch_size]]
     tried = []
@@ -153,7 +151,7 @@ def _spec(path: str, mtime: float, patch_size: int, mean: tuple, std: tuple) -> 
             raise BundleInputError(p, f"returns {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} for "
                                       f"[2, 3, {size}, {size}], not [batch, features]",
                                    "export the backbone so that it returns one feature vector per patch (e.g. the class token): docs/encoders.md")
-        return EncoderSpec(path=str(p), sha256=_sha256(p), input_size=size, feature_dim=int(out.shape[1]), dtype=str(dtype).replace("torch.", ""),
+        return EncoderSpec(path=str(p), sha256=file_sha256(p), input_size=size, feature_dim=int(out.shape[1]), dtype=str(dtype).replace("torch.", ""),
                            resize_mode=declared.get("resize_mode", "bilinear"), antialias=bool(declared.get("antialias", True)),
                            mean=tuple(float(v) for v in declared.get("mean", mean)), std=tuple(float(v) for v in declared.get("std", std)),
                            value_range=float(declared.get("value_range", 255.0)), declared=declared)
@@ -188,7 +186,6 @@ class EncoderInput(torch.nn.Module):
         self.resize_mode = str(resize_mode)
         self.antialias = bool(antialias) and resize_mode in ("bilinear", "bicubic")
         self.value_range = float(value_range)
-        self.is_encoder_input = True
         self.out_dtype = getattr(torch, dtype)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -221,7 +218,7 @@ def build_file_encoder(path: str | Path, patch_size: int = 256, mean: Sequence[f
 
     spec = encoder_spec(path, patch_size, mean, std)
     enc = PreprocessedEncoder(EncoderInput(spec.input_size, spec.resize_mode, spec.antialias, spec.mean, spec.std, spec.value_range, spec.dtype),
-                              load_module(spec.path))
+                              _loaded(spec.path, Path(spec.path).stat().st_mtime))
     enc.file_sha256 = spec.sha256
     enc.file_name = Path(spec.path).name
     enc.file_path = spec.path

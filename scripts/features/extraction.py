@@ -34,7 +34,7 @@ from scripts.distributed import rank_world
 from scripts.errors import BundleInputError, find_input_error
 from scripts.features.device_preprocessing import attach, split_transform
 from scripts.features.encoders import encoder_signature
-from scripts.features.patch_loader import CellDealtPatches, patch_loader
+from scripts.features.patch_loader import CellDealtPatches, loader_slide, patch_loader
 from scripts.features.store import FeatureEntry, is_complete
 
 logger = logging.getLogger(__name__)
@@ -223,12 +223,7 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     the intensity preprocessing runs on ``device`` as the encoders' first layer
     (:mod:`scripts.features.device_preprocessing`); on CUDA the host batches are pinned, copies are asynchronous
     and a batch's features come back while the next batch is encoded."""
-    slides = []
-    for rec, tdir, _, _ in pending:
-        meta = json.loads((tdir / "meta.json").read_text())
-        mpp = float(meta["mpp"])  # as resolved when the slide was tiled
-        cell_um = float(meta.get("tiling", {}).get("read_cell_um") or 0.0)
-        slides.append({"path": rec.path, "mpp": mpp, "coords": np.load(tdir / "coords.npy"), "cell_px": cell_um / mpp if cell_um else 0.0})
+    slides = [loader_slide(rec.path, tdir) for rec, tdir, _, _ in pending]
     counts = [len(s["coords"]) for s in slides]
     worker_transform, on_device = split_transform(transform)
     cuda = device.type == "cuda"

@@ -13,11 +13,22 @@ consecutive positions of all slides, as before 0.13.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+
+def loader_slide(path: str, tiles_dir: Path) -> dict:
+    """One slide as :class:`CellDealtPatches` takes it, from its tiling entry: the patch centres, the level-0
+    mpp as resolved when the slide was tiled, and the tiling's cell size in level-0 px."""
+    meta = json.loads((Path(tiles_dir) / "meta.json").read_text())
+    mpp = float(meta["mpp"])
+    cell_um = float(meta.get("tiling", {}).get("read_cell_um") or 0.0)
+    return {"path": path, "mpp": mpp, "coords": np.load(Path(tiles_dir) / "coords.npy"), "cell_px": cell_um / mpp if cell_um else 0.0}
 
 
 def cell_runs(coords: np.ndarray, cell_px: float) -> np.ndarray:

@@ -23,7 +23,7 @@ from monai.data import DataLoader, Dataset
 from torch.utils.data import DistributedSampler
 from torch import nn
 
-from scripts.cache import atomic_write_bytes, atomic_write_json, stable_hash
+from scripts.cache import atomic_write_bytes, atomic_write_json, file_sha256, stable_hash
 from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
 from scripts.errors import BundleInputError
@@ -251,7 +251,7 @@ def pretrain_scales(
                 "batch": batch_size, "lr": base_lr, "momentum": momentum, "wd": weight_decay,
                 "max_patches": max_patches_per_slide, "seed": seed}
         if init:  # a new starting backbone trains again (random starts keep their former cache keys)
-            spec["init"] = {"sha256": _file_sha(init), "prefix": init_prefix}
+            spec["init"] = {"sha256": file_sha256(init), "prefix": init_prefix}
         key = stable_hash(spec)
         name = f"{float(s):g}mpp"
         out_dir = Path(out_root) / f"{name}-{key}"
@@ -261,12 +261,6 @@ def pretrain_scales(
                                 momentum, weight_decay, seed, num_workers, torch.device(device), progress, init, init_prefix)
         out.append(str(w))
     return out
-
-
-def _file_sha(path: str | Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def read_history(weights: str | Path) -> list[dict]:

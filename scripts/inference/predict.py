@@ -28,17 +28,7 @@ def load_network(network: torch.nn.Module, ckpt_path: str | Path, device: str | 
     (the command's settings, :func:`scripts.mil.contract.make_contract`), settings that differ from those the
     checkpoint was trained with are refused first; the checkpoint's contract is kept as ``network.csmil_contract``."""
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise BundleInputError(ckpt_path, "model checkpoint not found", "train first (python -m monai.bundle run training --config_file configs/train.yaml) or pass --ckpt_path")
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or holds more than weights
-        raise BundleInputError(ckpt_path, f"cannot be read as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
-                               "the file is truncated or not a checkpoint: copy models/model.pt again or train again") from None
-    if not isinstance(state, dict):
-        raise BundleInputError(ckpt_path, f"holds a {type(state).__name__}, not a state dict", "pass the model.pt written by run training")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = contracts.read_checkpoint(ckpt_path)
     stored = contracts.read(state)
     if contract is not None:
         contracts.check_settings(stored, contract, ckpt_path)

@@ -64,15 +64,29 @@ class TrainedSettings:
         return self.values.get(key, default)
 
 
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """The state dict in a MIL checkpoint file (``weights_only=True``; a ``{"model": ...}`` wrapper unwrapped);
+    a missing, unreadable or non-state-dict file raises a :class:`BundleInputError` naming it and the fix."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise BundleInputError(ckpt_path, "model checkpoint not found", "train first (python -m monai.bundle run training --config_file "
+                                                                       "configs/train.yaml) or pass --ckpt_path")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or holds more than weights
+        raise BundleInputError(ckpt_path, f"cannot be read as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                               "the file is truncated or not a checkpoint: copy models/model.pt again or train again") from None
+    if not isinstance(state, dict):
+        raise BundleInputError(ckpt_path, f"holds a {type(state).__name__}, not a state dict", "pass the model.pt written by run training")
+    return state["model"] if isinstance(state.get("model"), dict) else state
+
+
 def read_file(ckpt_path: str | Path) -> dict | None:
     """The contract of the checkpoint file, or None (missing, unreadable or from before 0.12.0)."""
     try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_network reports an unreadable checkpoint with the fix
+        return read(read_checkpoint(ckpt_path))
+    except BundleInputError:  # load_network reports it with the fix
         return None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    return read(state)
 
 
 def make_contract(**settings: Any) -> dict:

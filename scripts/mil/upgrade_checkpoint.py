@@ -42,16 +42,7 @@ def upgrade(ckpt: str | Path, output: str | Path | None = None, overrides: dict[
 
     ckpt = Path(ckpt)
     output = Path(output) if output else ckpt
-    if not ckpt.is_file():
-        raise BundleInputError(ckpt, "checkpoint not found", "pass the path of the model.pt to upgrade")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated or not a torch file
-        raise BundleInputError(ckpt, f"cannot be read as a model checkpoint ({type(err).__name__})", "copy the file again") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise BundleInputError(ckpt, f"holds a {type(state).__name__}, not a state dict", "pass the model.pt written by run training")
+    state = contracts.read_checkpoint(ckpt)
     if contracts.read(state) is not None:
         raise BundleInputError(ckpt, "already carries a training contract (0.12.0 or later)", "nothing to upgrade: use it as it is")
     parser = pipeline_parser(overrides or {})
