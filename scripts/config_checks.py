@@ -107,6 +107,7 @@ RULES: dict[str, Rule] = {
     "eval_bootstrap_by_patient": Rule("bool", "resample patients, not slides"),
     "eval_verbose": Rule("bool", "per-epoch logs of every run"),
     "eval_workers": _int("runs trained at once"),
+    "eval_seed": _int("protocol seed (splits, initialisation, bags); cohort and features keep seed", 0),
 }
 
 

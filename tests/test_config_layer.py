@@ -79,6 +79,23 @@ def test_evaluation_runs_inherit_the_commands_training_ids():
     assert set(ids) <= set(raw)  # every inherited id is a declared tunable
 
 
+def test_eval_seed_repeats_the_protocol_on_the_same_features():
+    """`--eval_seed` reaches the protocol (splits, bootstrap) and every run's training seed; the cohort, the
+    encoders and the features keep `seed` (so repeating the protocol re-uses the feature cache)."""
+    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    assert raw["evaluate"]["seed"] == "@eval_seed" and raw["eval_train_ids"]["seed"] == "@eval_seed"
+    assert pipeline_parser().get_parsed_content("eval_train_ids")["seed"] == 0  # follows seed by default
+    p = pipeline_parser({"eval_seed": 3})
+    assert p.get_parsed_content("eval_train_ids")["seed"] == 3
+    assert p.get_parsed_content("seed") == 0 and p.get_parsed_content("demo_params").seed == 0
+    assert "seed=@seed" in raw["encoders"]
+    from scripts.config_checks import validate
+    from scripts.errors import BundleInputError
+
+    with pytest.raises(BundleInputError, match="--eval_seed: -1 is not allowed"):
+        validate({"eval_seed": -1})
+
+
 @pytest.mark.slow
 def test_demo_features_and_model_unchanged(trained):
     """The tiny demo's features and trained model are bit-identical to those of the config layer before 0.12.0."""
