@@ -1,11 +1,16 @@
 """Cross-scale fusion on a generated co-location cohort: the full evaluation protocol (`run evaluate`) for every
-model, the paper's CS-MIL variants, the baselines and the ablations of csmil_joint.
+model, the paper's CS-MIL variants, the baselines and the ablations of csmil_joint, once per protocol seed.
+
+``--seeds 0,1,2`` repeats the protocol with ``--eval_seed`` (other splits, initialisations and bag orders) on the
+same cohort and features (one shared cache): on cohorts of this size the spread between seeds is as large as
+the gaps between models (docs/evaluation.md), so a table of one seed does not rank them.
 
 The cohort is one of ``scripts.data.demo.COLOCATION_COHORTS`` (the demo's principle with other cue sizes,
 contrasts, shapes, lesion counts and pyramid levels; cue counts balanced between classes, so only co-location
 tells them apart). Baseline measured in the same run: the concatenation baseline (``dsmil``). Ratios:
 ``joint_vs_concat`` and ``joint_vs_paper`` (combined AUC of csmil_joint over dsmil / csmil) and
-``best_single_scale`` (the best single-scale model's combined AUC, ~0.5 on a cohort without single-scale cues).
+``best_single_scale`` (the best single-scale model's combined AUC, ~0.5 on a cohort without single-scale cues),
+each on the mean over seeds of the combined (out-of-fold) AUC.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from scripts.benchmarks.common import report
 from scripts.data.demo import COLOCATION_COHORTS
@@ -32,11 +39,39 @@ def cohort_overrides(name: str, patients: int) -> list[str]:
     return ["--demo_num_patients", str(patients), "--demo_slide_size", str(size), "--demo_options", json.dumps(params)]
 
 
+def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
+    """Rows (one per model, best mean combined AUC first) and ratios from ``report.json`` of each protocol seed."""
+    seeds = sorted(reports)
+    names = [n for n in reports[seeds[0]]["models"] if all(n in reports[s]["models"] for s in seeds)]
+    rows = []
+    for n in names:
+        per = [reports[s]["models"][n] for s in seeds]
+        comb = [m["combined"]["auc"] for m in per]
+        row = {"model": n, "auc_combined": float(np.mean(comb)), "auc_combined_sd": float(np.std(comb)),
+               "auc_mean": float(np.mean([m["mean"]["auc"] for m in per])), "ap_combined": float(np.mean([m["combined"]["ap"] for m in per])),
+               "acc_combined": float(np.mean([m["combined"]["accuracy"] for m in per])),
+               "per_seed": " ".join(f"{c:.3f}" for c in comb)}
+        loc = [m.get("localisation") or {} for m in per]
+        for scale in loc[0]:
+            row[f"loc_{scale}"] = float(np.nanmean([lo.get(scale, np.nan) for lo in loc]))
+        rows.append(row)
+    rows.sort(key=lambda r: -r["auc_combined"])
+    auc = {r["model"]: r["auc_combined"] for r in rows}
+    ratios = {"joint_vs_concat": auc["csmil_joint"] / auc["dsmil"]} if {"csmil_joint", "dsmil"} <= set(auc) else {}
+    if {"csmil_joint", "csmil"} <= set(auc):
+        ratios["joint_vs_paper"] = auc["csmil_joint"] / auc["csmil"]
+    singles = [auc[n] for n in SINGLE_SCALE if n in auc]
+    if singles:
+        ratios["best_single_scale"] = max(singles)
+    return rows, ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks fusion", description=__doc__)
     ap.add_argument("--cohort", default="clean", choices=sorted(COLOCATION_COHORTS))
     ap.add_argument("--patients", type=int, default=100)
     ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--seeds", default="0", help="comma-separated protocol seeds (--eval_seed), e.g. 0,1,2")
     ap.add_argument("--workers", type=int, default=2, help="eval_workers")
     ap.add_argument("--models", default="all", help="comma-separated, or 'all' (the pipeline config's eval_models + ablations)")
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the report")
@@ -44,35 +79,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
+    seeds = [int(x) for x in args.seeds.split(",")]
     models = None if args.models == "all" else args.models.split(",")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", "configs/evaluate.yaml",
-           "--dataset_dir", str(work / "data"), "--output_dir", str(work / "out"), "--progress", "False",
-           "--eval_num_splits", str(args.splits), "--eval_workers", str(args.workers), "--eval_reference", "csmil_joint",
-           "--eval_bootstrap_resamples", str(args.bootstrap), *cohort_overrides(args.cohort, args.patients)]
     if models is None:
         import yaml
 
         models = list(yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["eval_models"]) + list(ABLATIONS)
-    cmd += ["--eval_models", json.dumps(models)]
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(r.stderr[-3000:])
-    wall = time.perf_counter() - t
-    rep = json.loads((work / "out" / "report" / "report.json").read_text())
-    m = rep["models"]
-    rows = [{"model": n, "auc_mean": m[n]["mean"]["auc"], "auc_sd": m[n]["sd"]["auc"], "auc_combined": m[n]["combined"]["auc"],
-             "ap_combined": m[n]["combined"]["ap"], "acc_combined": m[n]["combined"]["accuracy"]}
-            for n in sorted(m, key=lambda n: -m[n]["combined"]["auc"])]
-    for row in rows:
-        row.update({f"loc_{s}": v for s, v in m[row["model"]].get("localisation", {}).items()})
-    print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits, {wall / 60:.1f} min; report: {work / 'out' / 'report' / 'report.md'}")
-    auc = {n: m[n]["combined"]["auc"] for n in m}
-    ratios = {"joint_vs_concat": auc["csmil_joint"] / auc["dsmil"]} if {"csmil_joint", "dsmil"} <= set(auc) else {}
-    if {"csmil_joint", "csmil"} <= set(auc):
-        ratios["joint_vs_paper"] = auc["csmil_joint"] / auc["csmil"]
-    singles = [auc[n] for n in SINGLE_SCALE if n in auc]
-    if singles:
-        ratios["best_single_scale"] = max(singles)
+    reports = {}
+    for seed in seeds:
+        out = work / f"out-seed{seed}"
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", "configs/evaluate.yaml",
+               "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
+               "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(args.splits),
+               "--eval_workers", str(args.workers), "--eval_reference", "csmil_joint",
+               "--eval_bootstrap_resamples", str(args.bootstrap), *cohort_overrides(args.cohort, args.patients),
+               "--eval_models", json.dumps(models)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-3000:])
+        reports[seed] = json.loads((out / "report" / "report.json").read_text())
+        print(f"seed {seed}: report {out / 'report' / 'report.md'} ({(time.perf_counter() - t) / 60:.1f} min so far)")
+    rows, ratios = summarise(reports)
+    print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {seeds}, "
+          f"{(time.perf_counter() - t) / 60:.1f} min; combined AUC = mean over seeds (per_seed lists them)")
     report("fusion", rows, ratios, args.json)
-

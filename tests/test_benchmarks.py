@@ -1,0 +1,30 @@
+"""Benchmark helpers that turn measurements into the numbers the docs quote (no timing here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from scripts.benchmarks.fusion import summarise
+
+
+def _report(aucs: dict[str, float], loc: dict[str, float] | None = None) -> dict:
+    return {"models": {n: {"combined": {"auc": a, "ap": a, "accuracy": 0.5}, "mean": {"auc": a + 0.01},
+                           **({"localisation": loc} if loc and n != "deepattnmisl_20x" else {})} for n, a in aucs.items()}}
+
+
+def test_fusion_benchmark_averages_protocol_seeds_and_ranks_models():
+    reports = {0: _report({"dsmil": 0.9, "csmil_joint": 0.7, "csmil": 0.6, "deepattnmisl_20x": 0.55}, {"20x": 0.8, "5x": 0.6}),
+               1: _report({"dsmil": 0.7, "csmil_joint": 0.8, "csmil": 0.5, "deepattnmisl_20x": 0.45}, {"20x": 0.6, "5x": 0.4})}
+    rows, ratios = summarise(reports)
+    assert [r["model"] for r in rows] == ["dsmil", "csmil_joint", "csmil", "deepattnmisl_20x"]
+    dsmil = rows[0]
+    assert dsmil["auc_combined"] == pytest.approx(0.8) and dsmil["auc_combined_sd"] == pytest.approx(0.1)
+    assert dsmil["per_seed"] == "0.900 0.700" and dsmil["auc_mean"] == pytest.approx(0.81)
+    assert dsmil["loc_20x"] == pytest.approx(0.7) and dsmil["loc_5x"] == pytest.approx(0.5)
+    assert "loc_20x" not in rows[-1]  # single-scale models give no maps here
+    assert ratios["joint_vs_concat"] == pytest.approx(0.75 / 0.8)
+    assert ratios["joint_vs_paper"] == pytest.approx(0.75 / 0.55)
+    assert ratios["best_single_scale"] == pytest.approx(0.5)
+    assert not any(math.isnan(v) for v in ratios.values())
