@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from scripts.benchmarks.common import report
 from scripts.benchmarks.fusion import summarise
 
 
@@ -14,7 +15,7 @@ def _report(aucs: dict[str, float], loc: dict[str, float] | None = None) -> dict
                            **({"localisation": loc} if loc and n != "deepattnmisl_20x" else {})} for n, a in aucs.items()}}
 
 
-def test_fusion_benchmark_averages_protocol_seeds_and_ranks_models():
+def test_fusion_benchmark_averages_protocol_seeds_and_ranks_models(capsys):
     reports = {0: _report({"dsmil": 0.9, "csmil_joint": 0.7, "csmil": 0.6, "deepattnmisl_20x": 0.55}, {"20x": 0.8, "5x": 0.6}),
                1: _report({"dsmil": 0.7, "csmil_joint": 0.8, "csmil": 0.5, "deepattnmisl_20x": 0.45}, {"20x": 0.6, "5x": 0.4})}
     rows, ratios = summarise(reports)
@@ -28,3 +29,8 @@ def test_fusion_benchmark_averages_protocol_seeds_and_ranks_models():
     assert ratios["joint_vs_paper"] == pytest.approx(0.75 / 0.55)
     assert ratios["best_single_scale"] == pytest.approx(0.5)
     assert not any(math.isnan(v) for v in ratios.values())
+    report("fusion", rows, ratios)  # rows with and without localisation print as one table
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["model", "auc_combined"] and "loc_5x" in lines[1]
+    assert lines[-2].split()[0] == "deepattnmisl_20x" and lines[-2].rstrip().endswith("-")
+    assert lines[-1].startswith("ratios: joint_vs_concat=0.938")

@@ -38,13 +38,14 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
 
 
 def report(name: str, rows: list[dict], ratios: dict[str, float], json_path: str | None = None) -> None:
-    """Print a table of ``rows`` and the ratios line; optionally write everything as JSON."""
-    cols = list(rows[0]) if rows else []
-    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    """Print a table of ``rows`` (columns: every key of any row, '-' where a row has none) and the ratios line;
+    optionally write everything as JSON."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    widths = [max(len(c), *(len(_fmt(r.get(c, "-"))) for r in rows)) for c in cols]
     print(f"# benchmark: {name}")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
+        print("  ".join(_fmt(r.get(c, "-")).ljust(w) for c, w in zip(cols, widths)))
     if json_path:
         Path(json_path).write_text(json.dumps({"benchmark": name, "rows": rows, "ratios": ratios}, indent=2))
     print("ratios: " + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
