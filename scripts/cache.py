@@ -112,11 +112,19 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries left in ``folder`` by killed processes (their pid is gone); return how many."""
+    """Delete temporaries and claims (``*.lock``) left in ``folder`` by killed processes of this host (their pid
+    is gone); return how many. A process killed after its entry was renamed into place but before it released
+    its claim leaves a lock that no later run would take over (the entry is complete, nobody claims it again)."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
+    for lock in folder.glob("*.lock"):
+        holder = claim_holder(lock.with_name(lock.name[: -len(".lock")]))
+        pid = int(holder.get("pid", 0)) if holder else 0
+        if pid > 0 and holder.get("host") == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid):
+            lock.unlink(missing_ok=True)
+            removed += 1
     for p in folder.glob(f"{_TMP_PREFIX}*"):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])

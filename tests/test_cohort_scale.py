@@ -217,3 +217,29 @@ def test_extraction_killed_mid_run_resumes_to_identical_features(reference, tmp_
     assert len(ENCODED.findall(r.stdout + r.stderr)) == 6 - len(before)  # only the unfinished slides
     _assert_same_features(cache, ref)
     assert _leftovers(cache) == []
+
+
+def test_claims_of_dead_processes_are_cleared_even_for_finished_entries(tmp_path):
+    """A process killed after renaming its entry into place but before releasing its claim left a lock that no
+    later run took over (the entry is complete, nobody claims it again; the kill test caught it under load).
+    The store's clean-up removes claims of dead processes of this host, keeps live and other hosts' claims."""
+    import json
+    import socket
+
+    from scripts.cache import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        host = socket.gethostname()
+        claims = {"done-slide": {"host": host, "pid": dead.pid}, "busy-slide": {"host": host, "pid": live.pid},
+                  "remote-slide": {"host": host + "-other", "pid": dead.pid}, "mine": {"host": host, "pid": os.getpid()}}
+        for name, holder in claims.items():
+            (tmp_path / f"{name}.lock").write_text(json.dumps({**holder, "time": 0}))
+        (tmp_path / "done-slide").mkdir()
+        assert remove_stale_temporaries(tmp_path) == 1
+        assert sorted(p.name for p in tmp_path.glob("*.lock")) == ["busy-slide.lock", "mine.lock", "remote-slide.lock"]
+    finally:
+        live.kill()
+        live.wait()
