@@ -120,9 +120,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
         return 0
     removed = 0
     for lock in folder.glob("*.lock"):
-        holder = claim_holder(lock.with_name(lock.name[: -len(".lock")]))
-        pid = int(holder.get("pid", 0)) if holder else 0
-        if pid > 0 and holder.get("host") == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid):
+        if _held_by_dead_process(claim_holder(lock.with_name(lock.name[: -len(".lock")]))):
             lock.unlink(missing_ok=True)
             removed += 1
     for p in folder.glob(f"{_TMP_PREFIX}*"):
@@ -138,6 +136,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
             p.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _held_by_dead_process(holder: dict | None) -> bool:
+    """Whether a claim's holder is a process of this host that no longer runs (its claim is stale)."""
+    pid = int(holder.get("pid", 0)) if holder else 0
+    return pid > 0 and holder.get("host") == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -178,7 +182,7 @@ def try_claim(target: str | os.PathLike) -> bool:
                     continue  # released meanwhile
                 if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
                     return True
-                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                if _held_by_dead_process(holder):
                     lock.unlink(missing_ok=True)  # stale: the holder died
                     continue
                 return False
