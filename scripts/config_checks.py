@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from scripts.config_values import as_bool
 from scripts.errors import BundleInputError
 
 BACKENDS = {"openslide": "openslide", "cucim": "cucim", "tifffile": "tifffile"}
@@ -209,9 +210,11 @@ def check_value(key: str, value: Any) -> None:
     elif rule.kind == "mpp":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.05 <= float(value) <= 20:
             raise _fail(key, value, "µm per px of level 0 as a number in [0.05, 20], e.g. 0.25 (40x) or 0.5 (20x)")
-    elif rule.kind == "bool":
-        if not isinstance(value, bool):
-            raise _fail(key, value, "True or False")
+    elif rule.kind == "bool":  # strings as a command line passes them: true/false, yes/no, 1/0 (config_values.as_bool)
+        try:
+            as_bool(value)
+        except ValueError:
+            raise _fail(key, value, "True or False") from None
     elif rule.kind == "choice":
         if value not in rule.choices:
             raise _fail(key, value, f"one of {list(rule.choices)}")
@@ -255,7 +258,7 @@ def rules_table() -> str:
         elif r.kind == "choice":
             allowed = " \\| ".join(map(str, r.choices))
         else:
-            allowed = {"bool": "True / False", "mpp": "number in [0.05, 20]", "mpp_list": "ascending list in [0.05, 50]",
+            allowed = {"bool": "True / False (also true/false, yes/no, 1/0)", "mpp": "number in [0.05, 20]", "mpp_list": "ascending list in [0.05, 50]",
                        "path": "folder", "device": "cpu, cuda, cuda:N (present)"}[r.kind]
         rows.append(f"| `{key}` | {allowed}{' or null' if r.null else ''} | {r.doc} |")
     return "\n".join(rows)

@@ -219,6 +219,34 @@ def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
             validate(bad)
 
 
+SWITCHES = ("progress", "mpp_force", "demo_if_missing", "bag_replacement", "eval_bootstrap_by_patient", "eval_verbose")
+
+
+@pytest.mark.parametrize("given,expected", [("false", False), ("no", False), (0, False), (False, False),
+                                            ("true", True), ("YES", True), (1, True), (True, True)])
+def test_yes_no_ids_read_as_booleans_whatever_the_command_line_passes(given, expected, tmp_path):
+    """`--progress false` reaches the config as the string 'false' (Python Fire keeps what it cannot read as a
+    literal; `False` arrives as a bool): validated, and every consumer reads the boolean."""
+    p = pipeline_parser({"output_dir": str(tmp_path / "out"), **{k: given for k in SWITCHES}})
+    assert p.get_parsed_content("validated") is True
+    assert p.get_parsed_content("flags") == {k: expected for k in SWITCHES}
+    assert p.get_parsed_content("eval_train_ids")["bag_replacement"] is expected  # what each protocol run inherits
+    assert p.get_parsed_content("deploy_settings")["bag_replacement"] is expected  # what the Deploy app reads
+    assert (p.get_parsed_content("demo") is None) is (not expected)
+
+
+def test_a_value_that_is_not_yes_or_no_stops_naming_the_id(tmp_path):
+    from scripts.errors import BundleInputError, find_input_error
+
+    for key in SWITCHES:
+        p = pipeline_parser({"output_dir": str(tmp_path / "out"), key: "maybe"})
+        for target in ("validated", f"flags#{key}"):
+            with pytest.raises(Exception) as err:
+                p.get_parsed_content(target)
+            found = find_input_error(err.value)
+            assert isinstance(found, BundleInputError) and found.path == f"--{key}" and "'maybe'" in str(found), (target, err.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,args", [("prepare", ["--patch_size", "0"]), ("inference", ["--num_bags", "0"]),
                                         ("training", ["--scales_mpp", "[0.5]"]), ("export", ["--device", "cuda:7"])])
