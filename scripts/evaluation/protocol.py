@@ -24,7 +24,6 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.cache import stable_hash
-from scripts.config_values import as_bool
 from scripts.features.store import FeatureEntry
 from scripts.inference.outputs import entry_localisation
 from scripts.inference.predict import bag_probability, load_network, patch_attention, scale_name
@@ -125,7 +124,7 @@ def run_one(
     parser.get_parsed_content("training")
     network = load_network(parser.get_parsed_content("network"), tmp / "model.pt", device)
     k, m = parser.get_parsed_content("num_clusters"), parser.get_parsed_content("bag_per_cluster")
-    replacement = as_bool(parser.get_parsed_content("bag_replacement"))
+    replacement = parser.get_parsed_content("flags#bag_replacement")
     summary = json.loads((tmp / "training_summary.json").read_text())
     result = {
         "variant": variant.name,
