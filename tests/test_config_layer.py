@@ -219,6 +219,21 @@ def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
             validate(bad)
 
 
+def test_what_needs_no_slide_reads_none_and_the_cohort_is_read_once(tmp_path):
+    """The encoders (all `run export` needs; what inference checks the checkpoint against) resolve without reading,
+    generating or tiling the cohort - MONAI resolves every reference of an expression first, so the cohort is held
+    by a lazy object - and the first stage that needs the slides reads and tiles them once per parse."""
+    cohort = tmp_path / "cohort"
+    p = pipeline_parser({"dataset_dir": str(cohort), "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"),
+                         "demo_num_patients": 2, "demo_slide_size": 1024})
+    assert len(p.get_parsed_content("encoders")) == 3
+    assert callable(p.get_parsed_content("pretrain_encoders"))
+    assert not cohort.exists() and not (tmp_path / "cache" / "tiles").exists()  # (validation creates the cache folder)
+    tiles = p.get_parsed_content("tiles")
+    assert len(tiles["records"]) == len(tiles["tiles"]) == 2 and (cohort / "manifest.csv").is_file()
+    assert p.get_parsed_content("cohort").tiles() is tiles
+
+
 SWITCHES = ("progress", "mpp_force", "demo_if_missing", "bag_replacement", "eval_bootstrap_by_patient", "eval_verbose")
 
 

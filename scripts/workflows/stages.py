@@ -1,7 +1,7 @@
 """Stage functions of the pipeline config (``configs/train.yaml``).
 
-The config chains the stages by reference inside one parse: ``records`` -> ``tiles`` (:func:`prepare_cohort`)
--> ``features`` (:func:`scripts.features.extraction.extract_cohort`) -> ``entries``
+The config chains the stages by reference inside one parse: ``read_records`` -> ``tiles`` (:class:`LazyCohort`
+over :func:`prepare_cohort`) -> ``features`` (:func:`scripts.features.extraction.extract_cohort`) -> ``entries``
 (:func:`scripts.features.clustering.cluster_cohort`). Every stage is cached on disk, so a command computes only
 what is missing.
 """
@@ -51,6 +51,36 @@ def cohort_records(
     if mpp is not None:
         records = [r if r.mpp is not None else SlideRecord(r.slide_id, r.patient_id, r.path, r.label, float(mpp), r.split) for r in records]
     return records
+
+
+class LazyCohort:
+    """This command's slides and their tile folders, read (the demo generated) and tiled on first use, once.
+
+    MONAI resolves every reference of an expression before evaluating it, so an id holding the cohort's data
+    would read and tile the cohort in every command that resolves something depending on it, needed or not:
+    ``run export`` tiled the whole cohort (and generated the demo) to export encoders that use no slide, and
+    inference tiled its input before checking the checkpoint's encoders. Holding the two steps as callables
+    defers the work to the first :meth:`tiles` call.
+    """
+
+    def __init__(self, read_records: Callable[[], Sequence[SlideRecord]], prepare: Callable[[Sequence[SlideRecord]], dict]) -> None:
+        self._read_records, self._prepare = read_records, prepare
+        self._tiles: dict | None = None
+
+    def tiles(self) -> dict[str, list]:
+        """``{"records": [...], "tiles": [entry dirs]}`` of the slides that could be tiled (see :func:`prepare_cohort`)."""
+        if self._tiles is None:
+            self._tiles = self._prepare(self._read_records())
+        return self._tiles
+
+
+def pretrain_cohort(cohort: LazyCohort, **kwargs) -> list:
+    """SimSiam encoders per scale on the cohort's patches (:func:`scripts.features.simsiam.pretrain_scales`, whose
+    other arguments ``kwargs`` are); the cohort is read and tiled only when this runs."""
+    from scripts.features.simsiam import pretrain_scales
+
+    tiles = cohort.tiles()
+    return pretrain_scales(tiles["records"], tiles["tiles"], **kwargs)
 
 
 def prepare_cohort(
