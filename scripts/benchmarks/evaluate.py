@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(tempfile.mkdtemp(prefix="csmil-eval-bench-"))
     try:
         ids = [e.slide_id for e in entries]
-        split = protocol_splits(ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], args.splits)[0]
+        split = protocol_splits(ids, [e.patient_id for e in entries], [e.label for e in entries], args.splits)[0]
         by_id = {e.slide_id: e for e in entries}
         t = time.perf_counter()
         with _quiet(True):

@@ -1,9 +1,10 @@
 """The paper's evaluation protocol: every model variant trained on the same patient-level splits with the
 same hyper-parameters, each split's model chosen by validation loss, test slides scored with R random bags.
 
-Each (variant, split) run parses the training part of the pipeline config (``configs/train.yaml``, read once
-per process) with the caller's training ids, the split's slides and the variant's network and overrides, so ``run evaluate`` trains exactly what ``run training`` trains. A run
-lives in ``<output>/runs/<variant>/split_<i>-<hash>``: the hash covers everything the run depends on (features,
+Each (variant, split) run parses the command's own config again (``configs/train.yaml`` with the command's other
+overlays and command line, handed over as a raw config by :func:`scripts.workflows.command.current_config`) with
+the split's slides, the protocol seed and the variant's network and overrides, so ``run evaluate`` trains exactly
+what ``run training`` trains. A run lives in ``<output>/runs/<variant>/split_<i>-<hash>``: the hash covers everything the run depends on (features,
 clusters, split, model, overrides), the directory is filled under a ``.partial`` name and renamed when its
 predictions are written, so an interrupted evaluation resumes at the first unfinished run.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import shutil
@@ -36,10 +36,14 @@ logger = logging.getLogger(__name__)
 _CHATTY = ("ignite", "StatsHandler", "monai.handlers.StatsHandler", "csmil.training", "monai.handlers", "scripts.workflows.stages")
 
 
-@functools.lru_cache(maxsize=4)
-def _pipeline_config(config_file: str) -> dict:
-    """The raw pipeline config, read once per process (each run parses a deep copy)."""
-    return ConfigParser.load_config_file(config_file)
+#: ids of a command's config that do not change what a run trains (left out of the run's cache key)
+RUN_INDEPENDENT = ("output_dir", "ckpt_dir", "log_dir", "progress", "num_workers", "_meta_", "initialize", "run", "evaluate",
+                   "train_overrides", "ablation_id", "ablation_values", "ablation_models")
+
+
+def run_config_key(config: Mapping[str, Any]) -> dict:
+    """The part of a raw config a run's result depends on (for the run cache's key)."""
+    return {k: v for k, v in config.items() if k not in RUN_INDEPENDENT and not k.startswith("eval_")}
 
 
 @dataclass(frozen=True)
@@ -100,14 +104,16 @@ def _worker_init(threads: int, verbose: bool) -> None:
 
 
 def _entry_key(e: FeatureEntry) -> list:
-    return [e.path.name, e.cluster_params()]
+    """What a run depends on of a slide: its features and clusters, and the manifest's patient and label (a run
+    cached under an old label is never served)."""
+    return [e.path.name, e.cluster_params(), e.patient_id, e.label]
 
 
 def run_one(
-    config_file: str | Path, train_ids: Mapping[str, Any], variant: Variant, split: Mapping[str, Sequence[FeatureEntry]],
-    run_dir: Path, test_bags: int, seed: int, device: Any = "cpu",
+    config: Mapping[str, Any], variant: Variant, split: Mapping[str, Sequence[FeatureEntry]], run_dir: Path, test_bags: int,
+    seed: int, device: Any = "cpu",
 ) -> dict:
-    """Train ``variant`` on one split (the training part of ``config_file`` with ``train_ids``), reload its
+    """Train ``variant`` on one split (the raw training ``config``, its ``training`` run with ``seed``), reload its
     lowest-validation-loss checkpoint and score the split's validation and test slides (cached in ``run_dir``)."""
     done = run_dir / "predictions.json"
     if done.is_file():
@@ -115,16 +121,17 @@ def run_one(
     tmp = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    parser = ConfigParser(copy.deepcopy(_pipeline_config(str(config_file))))
-    for key, value in {**train_ids, **variant.overrides}.items():
+    parser = ConfigParser(copy.deepcopy(dict(config)))
+    for key, value in variant.overrides.items():
         parser[key] = value
+    parser["seed"] = int(seed)
     parser["split"] = {"train": list(split["train"]), "val": list(split["val"])}
     parser["mil_model"] = variant.model
     parser["output_dir"], parser["ckpt_dir"], parser["progress"] = str(tmp), str(tmp), False
     parser.get_parsed_content("training")
     network = load_network(parser.get_parsed_content("network"), tmp / "model.pt", device)
     k, m = parser.get_parsed_content("num_clusters"), parser.get_parsed_content("bag_per_cluster")
-    replacement = parser.get_parsed_content("flags#bag_replacement")
+    replacement = parser.get_parsed_content("bag_replacement")
     summary = json.loads((tmp / "training_summary.json").read_text())
     result = {
         "variant": variant.name,
@@ -134,7 +141,8 @@ def run_one(
             for part in ("val", "test")
         },
     }
-    loc = localisation_on_test_slides(network, split["test"], k, train_ids, device)
+    loc = localisation_on_test_slides(network, split["test"], k, parser.get_parsed_content("dataset_dir"),
+                                      parser.get_parsed_content("scales_mpp"), device)
     if loc:
         result["localisation"] = loc
     (tmp / "predictions.json").write_text(json.dumps(result, indent=1))
@@ -144,18 +152,18 @@ def run_one(
     return result
 
 
-def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, train_ids: Mapping[str, Any],
-                      device: Any = "cpu") -> dict[str, float]:
+def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, dataset_dir: str | Path,
+                                scales_mpp: Sequence[float], device: Any = "cpu") -> dict[str, float]:
     """Mean per-scale localisation AUROC of the network's patch attention against the lesion masks of the positive
     test slides (``<dataset_dir>/masks/<slide_id>.png``, as the demo and co-location cohorts have); empty when
     there are no masks or the network has no attention (``forward_attention``)."""
-    masks = Path(str(train_ids.get("dataset_dir", ""))) / "masks"
+    masks = Path(str(dataset_dir)) / "masks"
     if not hasattr(network, "forward_attention") or not masks.is_dir():
         return {}
-    scales = [scale_name(m) for m in train_ids.get("scales_mpp", [])]
+    scales = [scale_name(m) for m in scales_mpp]
     per_slide = []
     for e in entries:
-        if int(e.meta.get("label", 0)) == 1:
+        if e.label == 1:
             auc = entry_localisation(e, patch_attention(network, e, num_clusters, device)[0], masks)
             if auc is not None and None not in auc:
                 per_slide.append(auc)
@@ -165,12 +173,13 @@ def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], n
 
 
 def run_protocol(
-    config_file: str | Path, train_ids: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
+    config: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
     output_dir: str | Path, num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_entries: Sequence[FeatureEntry] = (), is_test: Sequence[bool] | None = None, test_bags: int = 100,
     device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
 ) -> dict:
-    """Run every variant on every split. Returns ``{"mode", "splits", "slides", "runs": {variant: [per split]}}``.
+    """Run every variant on every split (each trained with the raw training ``config``, see :func:`run_one`).
+    Returns ``{"mode", "splits", "slides", "runs": {variant: [per split]}}``.
 
     ``workers > 1`` trains that many runs at once in spawned processes sharing the CPU threads (the MIL
     networks are small, so parallel runs use cores better than threads inside one run); results do not
@@ -186,9 +195,10 @@ def run_protocol(
     by_id = {e.slide_id: e for e in all_entries}
     if len(by_id) != len(all_entries):
         raise ValueError("duplicate slide ids across the cohort and the test set")
-    meta = {e.slide_id: e.meta for e in all_entries}
+    if any(e.label is None or e.label < 0 for e in all_entries):
+        raise ValueError("the protocol needs labelled entries with their manifest records (labels never come from the cache)")
     ids = list(by_id)
-    splits = protocol_splits(ids, [meta[i]["patient_id"] for i in ids], [int(meta[i]["label"]) for i in ids], num_splits,
+    splits = protocol_splits(ids, [by_id[i].patient_id for i in ids], [by_id[i].label for i in ids], num_splits,
                              val_fraction, seed, flags)
     mode = "external_test" if any(flags) else "cross_validation"
     logger.info("evaluation: %d variants x %d splits (%s), %d slides", len(variants), len(splits), mode, len(ids))
@@ -199,9 +209,8 @@ def run_protocol(
         for v in variants:
             parts = {name: [by_id[x] for x in s[name]] for name in ("train", "val", "test")}
             key = stable_hash([v.model, dict(v.overrides), {n: [_entry_key(e) for e in p] for n, p in parts.items()},
-                               {k: str(val) for k, val in train_ids.items() if k not in ("output_dir", "progress")},
-                               test_bags, seed], 10)
-            jobs.append((config_file, train_ids, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
+                               run_config_key(config), test_bags, seed], 10)
+            jobs.append((config, v, parts, out_dir / v.name / f"split_{i}-{key}", test_bags, seed, device))
     results: dict[Path, dict] = {}
     with _quiet(not verbose):
         if workers > 1:
@@ -212,16 +221,16 @@ def run_protocol(
             threads = max(1, (os.cpu_count() or 1) // workers)
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads, verbose)) as pool:
-                futures = {pool.submit(run_one, *job): job[4] for job in jobs}
+                futures = {pool.submit(run_one, *job): job[3] for job in jobs}
                 for f in tqdm(as_completed(futures), total=len(jobs), desc="evaluate (variant x split)", disable=not progress):
                     results[futures[f]] = f.result()
         else:
             for job in tqdm(jobs, desc="evaluate (variant x split)", disable=not progress):
-                results[job[4]] = run_one(*job)
-    runs: dict[str, list[dict]] = {v.name: [results[j[4]] for j in jobs if j[2] is v] for v in variants}
+                results[job[3]] = run_one(*job)
+    runs: dict[str, list[dict]] = {v.name: [results[j[3]] for j in jobs if j[1] is v] for v in variants}
     return {
         "mode": mode,
         "splits": splits,
-        "slides": {i: {"patient_id": meta[i]["patient_id"], "label": int(meta[i]["label"])} for i in ids},
+        "slides": {i: {"patient_id": by_id[i].patient_id, "label": by_id[i].label} for i in ids},
         "runs": runs,
     }

@@ -1,4 +1,4 @@
-"""``run evaluate``: protocol -> report (the ``evaluate`` component of configs/train.yaml)."""
+"""``run evaluate``: protocol -> report (the ``evaluate`` component of configs/evaluate.yaml)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from scripts.config_values import as_bool
-from scripts.data.manifest import read_manifest
 from scripts.evaluation.protocol import make_variants, run_protocol
 from scripts.evaluation.report import build_report, write_report
 from scripts.features.store import FeatureEntry
@@ -16,38 +15,42 @@ from scripts.features.store import FeatureEntry
 logger = logging.getLogger(__name__)
 
 
-def manifest_test_flags(entries: Sequence[FeatureEntry], manifest: str | Path | None) -> list[bool]:
+def manifest_test_flags(entries: Sequence[FeatureEntry]) -> list[bool]:
     """True for entries whose manifest row has ``split == test``."""
-    if manifest is None or not Path(manifest).is_file():
-        return [False] * len(entries)
-    split = {r.slide_id: (r.split or "").lower() for r in read_manifest(manifest, check_paths=False)}
-    return [split.get(e.slide_id) == "test" for e in entries]
+    return [(e.split or "").lower() == "test" for e in entries]
 
 
 def evaluate(
-    config_file: str | Path, train_ids: Mapping[str, Any], entries: Sequence[FeatureEntry], output_dir: str | Path,
-    models: Sequence[str], reference: str = "csmil", manifest: str | Path | None = None,
-    test_entries: Sequence[FeatureEntry] = (), num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
+    config: Mapping[str, Any] | str | Path, entries: Sequence[FeatureEntry], output_dir: str | Path, models: Sequence[str],
+    reference: str = "csmil", train_overrides: Mapping[str, Any] | None = None, test_entries: Sequence[FeatureEntry] = (), num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_bags: int = 100, bootstrap_resamples: int = 2000, bootstrap_by_patient: bool = True,
     ablation_id: str | None = None, ablation_values: Sequence[Any] = (), ablation_models: Sequence[str] = ("csmil",),
     device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
 ) -> dict[str, Path]:
     """Train and score every model variant on every split, then write ``<output_dir>/report.{json,md}`` and figures.
 
-    Each run trains with the training part of ``config_file`` (the pipeline config), ``train_ids`` and its split.
+    Each run trains with ``config`` (a raw training config, e.g. the command's own, or a config file), with
+    ``train_overrides`` applied and the run's split, model and protocol seed set. ``entries`` (the datalist) carry
+    the manifest's labels, patients and ``split`` values (``test`` rows form an external test set).
     """
     t0 = time.perf_counter()
     bootstrap_by_patient, progress, verbose = as_bool(bootstrap_by_patient), as_bool(progress), as_bool(verbose)
     workers = int(workers)
+    if not isinstance(config, Mapping):
+        from monai.bundle import ConfigParser
+
+        config = ConfigParser.load_config_files(config)
+    config = {**config, **(train_overrides or {})}
+    models = [models] if isinstance(models, str) else list(models)
     variants = make_variants(models, ablation_id, ablation_values, ablation_models)
     if reference not in [v.name for v in variants]:
         raise ValueError(f"reference model {reference!r} is not among the evaluated models {[v.name for v in variants]}")
     result = run_protocol(
-        config_file, train_ids, entries, variants, Path(output_dir) / "evaluation", num_splits, val_fraction, seed, test_entries,
-        manifest_test_flags(entries, manifest), test_bags, device, progress, verbose, workers,
+        config, entries, variants, Path(output_dir) / "evaluation", num_splits, val_fraction, seed, test_entries,
+        manifest_test_flags(entries), test_bags, device, progress, verbose, workers,
     )
     protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction, "workers": workers,
-                "train_overrides": {k: str(v) for k, v in train_ids.items() if k not in ("tiling", "demo")}}
+                "train_overrides": {k: str(v) for k, v in (train_overrides or {}).items()}}
     report = build_report(result, reference, bootstrap_resamples, seed, bootstrap_by_patient, protocol)
     report["protocol"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     files = write_report(report, Path(output_dir) / "report")

@@ -112,7 +112,9 @@ def extract_cohort(
     on_error: str = "raise",
     output_dir: str | Path | None = None,
 ) -> list[FeatureEntry]:
-    """Encode every slide that has no store entry yet; return the entries of all slides, in order.
+    """Encode every slide that has no store entry yet; return the entries of all slides, in order, each with its
+    manifest record (entries are found by the slide's id, its tiles and the encoders' provenance; labels and
+    patient ids are the records', never the cache's).
 
     ``stats`` (optional dict) receives ``computed``: the slide ids encoded by this call. With
     ``on_error='skip'`` a slide failing with an input error (e.g. truncated) is left out and recorded in
@@ -147,7 +149,7 @@ def extract_cohort(
             computed += _claim_and_extract(pending, run, on_error, output_dir)
     if stats is not None:
         stats["computed"] = computed
-    return [FeatureEntry(t) for t in targets if is_complete(t)]
+    return [FeatureEntry(t, rec) for t, rec in zip(targets, records) if is_complete(t)]
 
 
 
@@ -283,8 +285,6 @@ def _write_entry(job, features: np.ndarray) -> None:
     meta = {
         **prov,
         "slide_id": rec.slide_id,
-        "patient_id": rec.patient_id,
-        "label": rec.label,
         "slide_path": rec.path,
         "num_patches": int(features.shape[0]),
         "shape": list(features.shape),

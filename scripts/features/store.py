@@ -4,7 +4,9 @@ Each directory is named ``<slide_id>-<hash of provenance>``::
 
     features.npy   float16 [N, S, D], read memory-mapped
     coords.npy     int64 [N, 2] level-0 patch centres (x, y)
-    meta.json      provenance: tiles entry, encoder weights hash, preprocessing, package versions
+    meta.json      provenance: tiles entry, encoder weights hash, preprocessing, package versions (no label:
+                   labels, patient ids and splits come from the manifest of the command, see
+                   :mod:`scripts.data.datalist`)
     clusters.npy   int64 [N] phenotype cluster per patch (written by the cluster stage)
     clusters.json  the clustering parameters that produced clusters.npy
 
@@ -20,12 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.data.manifest import SlideRecord
+
 
 @dataclass(frozen=True)
 class FeatureEntry:
-    """Read access to one slide's store entry."""
+    """Read access to one slide's store entry, with the manifest ``record`` it was looked up for.
+
+    The entry holds what the slide's features are (provenance); who the slide belongs to and its label come from
+    ``record``, the current manifest's row, never from the cache: a corrected manifest takes effect at once.
+    """
 
     path: Path
+    record: SlideRecord | None = None
 
     @cached_property
     def meta(self) -> dict:
@@ -33,7 +42,22 @@ class FeatureEntry:
 
     @property
     def slide_id(self) -> str:
-        return self.meta["slide_id"]
+        return self.record.slide_id if self.record is not None else self.meta["slide_id"]
+
+    @property
+    def patient_id(self) -> str | None:
+        """The manifest's patient id (None for an entry looked up without a record)."""
+        return self.record.patient_id if self.record is not None else None
+
+    @property
+    def label(self) -> int | None:
+        """The manifest's label (-1 for an unlabelled slide; None for an entry looked up without a record)."""
+        return None if self.record is None else int(self.record.label)
+
+    @property
+    def split(self) -> str | None:
+        """The manifest's ``split`` value, if any."""
+        return self.record.split if self.record is not None else None
 
     def features(self, mmap: bool = True) -> np.ndarray:
         """float16 [N, S, D] (memory-mapped unless ``mmap=False``)."""

@@ -87,7 +87,7 @@ def write_slide_outputs(
         "slide_id": entry.slide_id,
         "probability": round(pred.probability, 6),
         "label": int(pred.probability >= threshold),
-        "true_label": int(entry.meta.get("label", -1)),
+        "true_label": -1 if entry.label is None else entry.label,  # the input manifest's label (-1: none given)
         "num_patches": entry.num_patches,
         "predict_seconds": round(pred.seconds, 3),
     }

@@ -11,23 +11,29 @@ import torch
 from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 
+from scripts.data.manifest import SlideRecord
 from scripts.features.store import FeatureEntry
 from scripts.inference.outputs import masks_dir, write_cohort_outputs, write_slide_outputs
 from scripts.inference.predict import SlidePrediction, predict_entry
 
 
 def entry_items(entries: Sequence[FeatureEntry]) -> list[dict]:
-    """Dataset items: ``{"entry": <store entry dir>, "label": <label or -1>}`` per slide."""
-    return [{"entry": str(e.path), "label": int(e.meta.get("label", -1))} for e in entries]
+    """Dataset items, one per slide: its store entry and the input manifest's fields (label -1: none given)."""
+    return [{"entry": str(e.path), "label": -1 if e.label is None else e.label, "slide_id": e.slide_id,
+             "patient_id": e.patient_id or e.slide_id, "image": str(e.record.path) if e.record else ""} for e in entries]
 
 
 class PrepareEntryBatch:
-    """``prepare_batch``: (list of :class:`FeatureEntry`, labels)."""
+    """``prepare_batch``: (list of :class:`FeatureEntry` with their records, labels)."""
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
-        paths = batchdata["entry"]
-        paths = [paths] if isinstance(paths, str) else list(paths)
-        return [FeatureEntry(Path(p)) for p in paths], torch.as_tensor(batchdata["label"])
+        cols = {k: batchdata[k] for k in ("entry", "slide_id", "patient_id", "image")}
+        if isinstance(cols["entry"], str):
+            cols = {k: [v] for k, v in cols.items()}
+        labels = torch.as_tensor(batchdata["label"]).reshape(-1)
+        entries = [FeatureEntry(Path(p), SlideRecord(s, pid, img, int(lab)))
+                   for p, s, pid, img, lab in zip(cols["entry"], cols["slide_id"], cols["patient_id"], cols["image"], labels)]
+        return entries, labels
 
 
 class SlideInferer(Inferer):

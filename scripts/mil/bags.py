@@ -86,7 +86,9 @@ class _SlideCache:
             if c is None:
                 raise ValueError(f"{e.path}: no clusters.npy; run the cluster stage first")
             self.clusters.append(c)
-        self.labels = [int(e.meta["label"]) for e in self.entries]
+        if any(e.label is None for e in self.entries):
+            raise ValueError("bag datasets need entries with their manifest record (labels never come from the cache)")
+        self.labels = [int(e.label) for e in self.entries]
 
 
 class BagDataset(Dataset):

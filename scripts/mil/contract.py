@@ -4,10 +4,10 @@ The contract rides in the state dict's metadata (``state_dict._metadata[""]["csm
 state-dict hook), so ``model.pt`` stays a plain state dict that MONAI's ``ckpt_export`` and
 ``torch.load(weights_only=True)`` read as before. It holds the settings that decide what the features mean
 (scales, patch size, encoder architecture and weights, preprocessing), how bags are built (clusters), the label
-map, the model and the bundle version. Inference and the Deploy export *take* these settings from the checkpoint
-(:class:`TrainedSettings`: every id the command does not set comes from the checkpoint), then compare what the
-command did set and refuse a conflict with one line naming both values (:func:`check_settings`,
-:func:`check_encoders`, :func:`check_features`). A weights-only checkpoint of 0.11 or earlier gets its contract
+map, the tiling, the model and the bundle version. Training records it (:func:`config_contract`, the ids of
+:data:`SETTINGS` and :data:`TAKEN` of the training config); inference and the Deploy export build everything from
+it (:class:`scripts.mil.trained.TrainedModel`) and refuse a command-line setting that contradicts it with one
+line naming both values (:func:`check_settings`, :func:`check_encoders`, :func:`check_features`). A weights-only checkpoint of 0.11 or earlier gets its contract
 with ``python -m scripts.mil.upgrade_checkpoint`` (:mod:`scripts.mil.upgrade_checkpoint`).
 """
 
@@ -29,39 +29,15 @@ CONTRACT_KEY = "csmil_contract"
 SETTINGS = ("mil_model", "scales_mpp", "patch_size", "num_clusters", "cluster_scale_mpp", "encoder_arch", "in_features", "label_map")
 #: further ids recorded and taken by inference / export, but free to override (their effect is checked elsewhere:
 #: encoders and preprocessing by hash, the rest only changes how bags are drawn)
-TAKEN = ("seed", "encoder_weights", "encoder_weights_prefix", "normalize_mean", "normalize_std", "bag_per_cluster")
-
-
-class TrainedSettings:
-    """The settings a command takes from its checkpoint; one object per config parse (id ``trained_settings``).
-
-    The setting ids of configs/train.yaml read ``@trained_settings.get(id, default)``: empty (the default) for
-    training and the data stages; inference and export call :meth:`take` first (the first item of their run
-    list), so every id the command does not set on the command line is the checkpoint's. An override replaces the
-    expression itself and is then compared with the checkpoint by :func:`check_settings`.
-    """
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self.read_ids: set[str] = set()
-        self.source: str | None = None
-
-    def take(self, ckpt_path: str | Path) -> bool:
-        """Read the contract of ``ckpt_path`` (nothing when the file is missing, unreadable or from before 0.12.0:
-        loading it later says why). Returns True."""
-        if self.read_ids:  # a setting was resolved before the checkpoint was read: the config's order is wrong
-            raise RuntimeError(f"settings {sorted(self.read_ids)} were read before the checkpoint's; take() must come first")
-        contract = read_file(ckpt_path)
-        if contract:
-            self.values = {k: contract[k] for k in SETTINGS + TAKEN if k in contract and k != "in_features"}
-            self.source = str(ckpt_path)
-            logger.info("settings from the checkpoint %s: %s", ckpt_path, ", ".join(f"{k}={_cli(v)}" for k, v in self.values.items()))
-        return True
-
-    def get(self, key: str, default: Any) -> Any:
-        """The checkpoint's value of ``key`` when one was taken, else ``default``."""
-        self.read_ids.add(key)
-        return self.values.get(key, default)
+TAKEN = ("seed", "encoder_weights", "encoder_weights_prefix", "normalize_mean", "normalize_std", "bag_per_cluster", "bag_replacement")
+#: configs/train.yaml's values of those ids (a checkpoint of 0.11 or earlier carries none; the Model Zoo's tools
+#: build ``network_def`` from them before any model is trained); a test fails when the two drift
+DEFAULTS: dict[str, Any] = {
+    "mil_model": "dsmil", "scales_mpp": [0.5, 1.0, 2.0], "patch_size": 256, "num_clusters": 8, "cluster_scale_mpp": 2.0,
+    "encoder_arch": "tiny", "label_map": {"0": 0, "1": 1}, "seed": 0, "encoder_weights": None, "encoder_weights_prefix": "",
+    "normalize_mean": [0.485, 0.456, 0.406], "normalize_std": [0.229, 0.224, 0.225], "bag_per_cluster": 8,
+    "bag_replacement": False,
+}
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
@@ -87,6 +63,17 @@ def read_file(ckpt_path: str | Path) -> dict | None:
         return read(read_checkpoint(ckpt_path))
     except BundleInputError:  # load_network reports it with the fix
         return None
+
+
+def config_contract() -> dict:
+    """The contract of the training config being evaluated (called from its ``model_contract`` expression): the
+    values of :data:`SETTINGS` and :data:`TAKEN` and the tiling, read from the config itself (one table keyed by
+    id, here, instead of a list of ids in the YAML)."""
+    from scripts.workflows.command import current_parser
+
+    parser = current_parser()
+    values = {k: parser.get_parsed_content(k) for k in SETTINGS + TAKEN}
+    return make_contract(**values, tiling=parser.get_parsed_content("tiling").to_dict())
 
 
 def make_contract(**settings: Any) -> dict:

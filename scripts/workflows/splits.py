@@ -71,25 +71,19 @@ def train_val_split(
     return tr, va
 
 
-def split_entries(entries: Sequence, manifest=None, val_fraction: float = 0.25, seed: int = 0, fold: int = 0) -> dict[str, list]:
-    """Split feature-store entries into ``{"train": [...], "val": [...]}`` by patient.
+def split_entries(entries: Sequence, val_fraction: float = 0.25, seed: int = 0, fold: int = 0, where: str | None = None) -> dict[str, list]:
+    """Split feature-store entries (each with its manifest record) into ``{"train": [...], "val": [...]}`` by patient.
 
-    The manifest's ``split`` column (``train``/``val``) wins when it is filled in (a missing manifest, e.g.
-    slides given with ``--input``, means no given split).
+    The records' ``split`` values (the manifest's ``split`` column: ``train``/``val``) win when any is filled in;
+    ``where`` (the manifest) is named in errors.
     """
-    from pathlib import Path
-
-    from scripts.data.manifest import read_manifest
-
-    ids = [e.meta["slide_id"] for e in entries]
-    given = None
-    if manifest is not None and Path(manifest).is_file():
-        by_id = {r.slide_id: r.split for r in read_manifest(manifest, check_paths=False) if r.slide_id in set(ids)}
-        given = [by_id.get(i) for i in ids]
-    tr, va = train_val_split(
-        ids, [e.meta["patient_id"] for e in entries], [int(e.meta["label"]) for e in entries], val_fraction, seed, fold, given,
-        where=str(manifest) if manifest is not None else None,
-    )
+    missing = [e.path for e in entries if e.record is None]
+    if missing:
+        raise ValueError(f"{missing[0]}: entries must carry their manifest record (labels never come from the cache)")
+    ids = [e.slide_id for e in entries]
+    given = [e.split for e in entries]
+    tr, va = train_val_split(ids, [e.patient_id for e in entries], [e.label for e in entries], val_fraction, seed, fold,
+                             given if any(given) else None, where=where)
     return {"train": [entries[i] for i in tr], "val": [entries[i] for i in va]}
 
 
