@@ -55,7 +55,7 @@ def test_training_chain_from_scratch(tmp_path):
 
 
 def test_missing_manifest_is_one_clear_line(tmp_path):
-    r = bundle("run", "prepare", "--config_file", "configs/prepare.yaml", "--dataset_dir", str(tmp_path / "nowhere"),
+    r = bundle("run", "prepare", "--config_file", "configs/train.yaml", "--dataset_dir", str(tmp_path / "nowhere"),
                "--output_dir", str(tmp_path / "out"), "--demo_if_missing", "False")
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
@@ -66,7 +66,7 @@ def test_missing_manifest_is_one_clear_line(tmp_path):
 def test_extract_with_pretrained_encoders(tmp_path):
     """`--encoder_weights pretrain` runs SimSiam per scale first and extracts with those weights."""
     data, out = tmp_path / "demo", tmp_path / "out"
-    r = bundle("run", "extract", "--config_file", "configs/extract.yaml", *tiny_overrides(data, out),
+    r = bundle("run", "extract", "--config_file", "configs/train.yaml", *tiny_overrides(data, out),
                "--encoder_weights", "pretrain", "--pretrain_epochs", "1", "--pretrain_batch_size", "8",
                "--pretrain_max_patches_per_slide", "4", "--pretrain_scales_mpp", "[1.0,2.0]", "--max_patches", "16")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

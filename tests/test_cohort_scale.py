@@ -28,11 +28,11 @@ def _args(data: Path, cache: Path) -> list[str]:
 
 def _extract_cmd(data: Path, cache: Path, torchrun: bool = False, log_dir: Path | None = None) -> list[str]:
     if not torchrun:
-        return [sys.executable, "-m", "monai.bundle", "run", "extract", "--config_file", "configs/extract.yaml", *_args(data, cache)]
+        return [sys.executable, "-m", "monai.bundle", "run", "extract", "--config_file", "configs/train.yaml", *_args(data, cache)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), "--log_dir", str(log_dir), "--redirects", "3"]
     return [*launcher, "-m", "monai.bundle", "run", "extract", "--config_file",
-            "['configs/extract.yaml','configs/multi_gpu_extract.yaml']", *_args(data, cache)]
+            "['configs/train.yaml','configs/multi_gpu_extract.yaml']", *_args(data, cache)]
 
 
 def _features(cache: Path) -> dict[str, np.ndarray]:
@@ -126,7 +126,7 @@ def test_two_independent_processes_share_one_store(reference, tmp_path):
     data, ref = reference
     cache = tmp_path / "cache"
     # tiles first (cheap), so both extractions start at the same time
-    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "prepare", "--config_file", "configs/prepare.yaml", *_args(data, cache)],
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "prepare", "--config_file", "configs/train.yaml", *_args(data, cache)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     procs = [subprocess.Popen(_extract_cmd(data, cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -143,7 +143,7 @@ def test_ddp_simsiam_pretraining_two_ranks(reference, tmp_path):
     cache, logs = tmp_path / "cache", tmp_path / "logs"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), "--log_dir", str(logs), "--redirects", "3"]
-    cmd = [*launcher, "-m", "monai.bundle", "run", "pretrain", "--config_file", "['configs/pretrain.yaml','configs/multi_gpu_pretrain.yaml']",
+    cmd = [*launcher, "-m", "monai.bundle", "run", "pretrain", "--config_file", "['configs/train.yaml','configs/multi_gpu_pretrain.yaml']",
            *_args(data, cache), "--pretrain_epochs", "2", "--pretrain_scales_mpp", "[2.0]", "--pretrain_max_patches_per_slide", "8",
            "--pretrain_batch_size", "8"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -1,12 +1,13 @@
-"""The config layer: one pipeline config parsed once per command, ids declared once, overrides that reach every
-stage, commands that run from any folder (and from the Model Zoo's layout), outputs unchanged by the redesign."""
+"""The config layer: the Model Zoo layout (train.yaml trains, evaluate.yaml overlays it, inference.yaml and deploy.yaml
+standalone and driven by the checkpoint), a datalist between stages, the command line checked, values validated from
+one Python table, commands that run from any folder and from a packed bundle, outputs unchanged by the redesign."""
 
 from __future__ import annotations
 
 import csv
-import re
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,34 +15,77 @@ from pathlib import Path
 
 import pytest
 import yaml
+from monai.bundle import ConfigParser
 
 from conftest import ROOT
 from golden_outputs import GOLDEN, fingerprints
 from scripts.benchmarks.startup import LAUNCH, launch_report
-from scripts.workflows.pipeline_config import PIPELINE_CONFIG, pipeline_parser
+from scripts.errors import BundleInputError, find_input_error
+from scripts.workflows.pipeline_config import (CONFIGS, DEPLOY_CONFIG, EVALUATE_CONFIG, INFERENCE_CONFIG, PIPELINE_CONFIG,
+                                               pipeline_parser)
 
-STAGES = ["prepare", "pretrain", "extract", "cluster", "inference", "evaluate", "deploy"]
-
-
-def test_every_stage_config_is_the_pipeline_config():
-    for stage in STAGES:
-        path = ROOT / "configs" / f"{stage}.yaml"
-        assert path.is_symlink() and path.resolve() == PIPELINE_CONFIG.resolve(), stage
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
-    for run_id in ["prepare", "pretrain", "extract", "cluster", "training", "inference", "evaluate", "export", "run"]:
-        assert run_id in raw, run_id
+RUN_IDS = {"train.yaml": ["prepare", "pretrain", "extract", "cluster", "training", "run"], "evaluate.yaml": ["evaluate", "run"],
+           "inference.yaml": ["inference", "run"], "deploy.yaml": ["export", "run"]}
 
 
-def test_no_macros_no_nested_parsers():
-    text = PIPELINE_CONFIG.read_text()
-    assert '"%' not in text and "run_stage" not in text and "stage_overrides" not in text
-    for overlay in ["cohort", "multi_gpu_extract", "multi_gpu_pretrain", "multi_gpu_train"]:
-        assert '"%' not in (ROOT / "configs" / f"{overlay}.yaml").read_text()
+def _raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _parser(files, overrides=None) -> ConfigParser:
+    """A parser as ``python -m monai.bundle run`` builds it (no normalisation of the overrides)."""
+    p = ConfigParser()
+    p.read_config([str(f) for f in files])
+    p["bundle_root"] = str(ROOT)
+    for k, v in (overrides or {}).items():
+        p[k] = v
+    return p
+
+
+def test_zoo_layout_real_files_each_running_its_stage():
+    assert not [f.name for f in CONFIGS.iterdir() if f.is_symlink()]
+    assert {f.name for f in CONFIGS.glob("*.yaml")} == {"train.yaml", "evaluate.yaml", "inference.yaml", "deploy.yaml", "cohort.yaml",
+                                                        "multi_gpu_train.yaml", "multi_gpu_extract.yaml", "multi_gpu_pretrain.yaml"}
+    for name, run_ids in RUN_IDS.items():
+        raw = _raw(CONFIGS / name)
+        assert all(r in raw for r in run_ids), name
+    assert _raw(PIPELINE_CONFIG)["run"] == "$@training"
+    assert _raw(EVALUATE_CONFIG)["run"] == "$@evaluate" and _raw(INFERENCE_CONFIG)["run"] == "$@inference"
+    assert _raw(DEPLOY_CONFIG)["run"] == "$@export"
+    assert len(INFERENCE_CONFIG.read_text().splitlines()) <= 150
+    # evaluate.yaml only adds to train.yaml (besides the keys every config has); the standalone ones repeat no training id
+    train = _raw(PIPELINE_CONFIG)
+    assert set(_raw(EVALUATE_CONFIG)) & set(train) == {"imports", "initialize", "run"}
+    from scripts.workflows.command import trained_ids
+
+    for cfg in (INFERENCE_CONFIG, DEPLOY_CONFIG):
+        assert not set(trained_ids()) & set(_raw(cfg)), cfg.name  # they come from the checkpoint
+
+
+def test_no_macros_and_no_plumbing_lists():
+    """No ``%`` macros (they resolve against the working directory); no mapping whose entries only hand ids on under
+    their own names (the old checked_ids / flags / eval_train_ids / deploy_settings lists); handlers by id."""
+    for path in CONFIGS.glob("*.yaml"):
+        text = path.read_text()
+        assert '"%' not in text, path.name
+
+        def walk(node, where):
+            if isinstance(node, dict):
+                same = [k for k, v in node.items() if v == f"@{k}"]
+                assert "_target_" in node or len(same) <= 2, (path.name, where, same)
+                for k, v in node.items():
+                    walk(v, f"{where}#{k}")
+            elif isinstance(node, list):
+                for i, v in enumerate(node):
+                    walk(v, f"{where}#{i}")
+
+        walk(_raw(path), "")
+        assert not re.search(r"@[\w#]*handlers#\d", text) and "handlers[" not in text, path.name
 
 
 def test_each_tunable_is_declared_once_at_top_level():
     """Flat ids are top-level keys once (YAML refuses duplicates); no tunable is re-declared inside a section."""
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    raw = _raw(PIPELINE_CONFIG)
     nested = set()
 
     def walk(node, top):
@@ -66,34 +110,42 @@ def test_a_flat_override_reaches_every_stage_that_uses_it():
     assert tuple(resize.resizer.spatial_size) == (128, 128)
     assert p.get_parsed_content("pretrain_transform")(2.0).transforms[0].patch_size == 128
     assert p.get_parsed_content("scale_keys") == ["scale_0", "scale_1"]
-    settings = p.get_parsed_content("deploy_settings")
-    assert settings["patch_size"] == 128 and settings["tiling"]["patch_size"] == 128 and settings["cluster_scale_index"] == 1
-    assert p.get_parsed_content("eval_train_ids")["scales_mpp"] == [0.5, 2.0]
+    contract = p.get_parsed_content("model_contract")  # what inference and the Deploy export will build from
+    assert contract["patch_size"] == 128 and contract["scales_mpp"] == [0.5, 2.0] and contract["tiling"]["patch_size"] == 128
 
 
-def test_evaluation_runs_inherit_the_commands_training_ids():
-    p = pipeline_parser({"max_epochs": 3, "learning_rate": 0.01, "bag_per_cluster": 4})
-    ids = p.get_parsed_content("eval_train_ids")
-    assert ids["max_epochs"] == 3 and ids["learning_rate"] == 0.01 and ids["bag_per_cluster"] == 4
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
-    assert set(ids) <= set(raw)  # every inherited id is a declared tunable
+def test_values_that_live_in_two_files_do_not_drift():
+    """Where MONAI has no include: the checkpoint-less defaults of inference/export (contract.DEFAULTS) are
+    train.yaml's values, and the run-time ids shared by inference.yaml, deploy.yaml and train.yaml agree."""
+    from scripts.mil.contract import DEFAULTS
+
+    p = pipeline_parser()
+    assert {k: p.get_parsed_content(k) for k in DEFAULTS} == DEFAULTS
+    inference, deploy, train = _raw(INFERENCE_CONFIG), _raw(DEPLOY_CONFIG), _raw(PIPELINE_CONFIG)
+    shared = set(inference) & set(deploy) - {"imports", "initialize", "run", "trained"}
+    assert {"num_bags", "threshold", "heatmap_mpp", "overlay_mpp", "lesion_mask_mpp", "wsi_backend", "feature_batch_size"} <= shared
+    assert {k: inference[k] for k in shared} == {k: deploy[k] for k in shared}
+    literal = [k for k in set(inference) & set(train) if not isinstance(train[k], (dict, list)) and not str(train[k]).startswith(("$", "@"))]
+    assert {"wsi_backend", "feature_batch_size", "num_workers", "progress", "on_error", "mpp", "mpp_force"} <= set(literal)
+    assert {k: inference[k] for k in literal} == {k: train[k] for k in literal}
 
 
-def test_eval_seed_repeats_the_protocol_on_the_same_features():
-    """`--eval_seed` reaches the protocol (splits, bootstrap) and every run's training seed; the cohort, the
-    encoders and the features keep `seed` (so repeating the protocol re-uses the feature cache)."""
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
-    assert raw["evaluate"]["seed"] == "@eval_seed" and raw["eval_train_ids"]["seed"] == "@eval_seed"
-    assert pipeline_parser().get_parsed_content("eval_train_ids")["seed"] == 0  # follows seed by default
-    p = pipeline_parser({"eval_seed": 3})
-    assert p.get_parsed_content("eval_train_ids")["seed"] == 3
-    assert p.get_parsed_content("seed") == 0 and p.get_parsed_content("demo_params").seed == 0
-    assert "seed=@seed" in raw["encoders"]
-    from scripts.config_checks import validate
-    from scripts.errors import BundleInputError
+def test_evaluation_runs_train_with_the_commands_own_config():
+    """Each protocol run parses the command's config (every overlay and override included), not a file by path."""
+    from scripts.evaluation.protocol import run_config_key
 
-    with pytest.raises(BundleInputError, match="--eval_seed: -1 is not allowed"):
-        validate({"eval_seed": -1})
+    p = pipeline_parser({"max_epochs": 3, "learning_rate": 0.01, "bag_per_cluster": 4, "eval_workers": 2},
+                        [PIPELINE_CONFIG, EVALUATE_CONFIG])
+    p["probe"] = "$scripts.workflows.command.current_config()"
+    config = p.get_parsed_content("probe")
+    assert (config["max_epochs"], config["learning_rate"], config["bag_per_cluster"]) == (3, 0.01, 4)
+    assert "train#trainer" not in config and "trainer" in config["train"]
+    key = run_config_key(config)
+    assert "max_epochs" in key and not [k for k in key if k.startswith("eval_") or k in ("output_dir", "progress")]
+    raw = _raw(EVALUATE_CONFIG)
+    assert raw["evaluate"]["seed"] == "@eval_seed" and raw["eval_seed"] == "@seed"
+    assert "current_config()" in raw["evaluate"]["config"] and raw["evaluate"]["entries"] == "@datalist"
+    assert "config_file" not in raw["evaluate"]  # no re-read of a file by path
 
 
 @pytest.mark.slow
@@ -103,7 +155,6 @@ def test_demo_features_and_model_unchanged(trained):
     now = fingerprints(trained)
     assert now["features"] == golden["features"], "features changed: regenerate tests/data only if intended (tests/golden_outputs.py)"
     assert now["model"] == golden["model"], "model.pt changed: regenerate tests/data only if intended (tests/golden_outputs.py)"
-
 
 def _run_from(cwd: Path, *args: str, prelude: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", prelude + LAUNCH, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
@@ -139,14 +190,23 @@ def test_a_runtime_install_never_imports_mlflow_or_the_deploy_sdk(trained, cmu_s
 
 
 @pytest.mark.slow
-def test_model_zoo_checks_in_the_zoo_layout(trained, tmp_path, meta_schema):
-    """The Model Zoo's ci/verify_bundle.py (full mode) steps, run from the zoo root on models/csmil_bundle."""
+def test_model_zoo_checks_on_the_bundle_packed_as_the_zoo_packs_it(trained, cmu_svs, tmp_path, meta_schema):
+    """The bundle zipped as the Model Zoo packs it (the tracked files; no links to follow or lose), unpacked into a zoo
+    tree: the Zoo's ci/verify_bundle.py (full mode) steps from the zoo root, then inference with --bundle_root from
+    another folder."""
+    import zipfile
+
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    with zipfile.ZipFile(tmp_path / "csmil_bundle.zip", "w") as z:
+        for f in filter(None, files):
+            assert not (ROOT / f).is_symlink(), f
+            z.write(ROOT / f, f"csmil_bundle/{f}")
     zoo = tmp_path / "zoo"
+    with zipfile.ZipFile(tmp_path / "csmil_bundle.zip") as z:
+        z.extractall(zoo / "models")
     bundle = zoo / "models" / "csmil_bundle"
-    top = {".git", "outputs", "data", "models", "tests", ".pytest_cache"}
-    shutil.copytree(ROOT, bundle, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in top) or n == "__pycache__"])
-    (bundle / "models").mkdir()
+    shutil.rmtree(bundle / "tests")  # the Zoo ships no tests
+    (bundle / "models").mkdir(exist_ok=True)
     shutil.copy(trained / "models" / "model.pt", bundle / "models" / "model.pt")
     (bundle / "eval").mkdir()
     shutil.copy(meta_schema, bundle / "eval" / "schema.json")
@@ -154,69 +214,82 @@ def test_model_zoo_checks_in_the_zoo_layout(trained, tmp_path, meta_schema):
     checks = (
         "import sys\n"
         f"sys.path.insert(0, {rel!r})\n"
-        "from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out\n"
+        "from monai.bundle import ckpt_export, create_workflow, run, verify_metadata, verify_net_in_out\n"
         f"b = {rel!r}\n"
         "verify_metadata(meta_file=b + '/configs/metadata.json', filepath=b + '/eval/schema.json')\n"
         "verify_net_in_out(net_id='network_def', meta_file=b + '/configs/metadata.json', config_file=b + '/configs/inference.yaml', bundle_root=b)\n"
         "ckpt_export(net_id='network_def', filepath=b + '/models/verify_model.ts', ckpt_file=b + '/models/model.pt',\n"
         "            meta_file=b + '/configs/metadata.json', config_file=b + '/configs/inference.yaml', bundle_root=b)\n"
         "w = create_workflow(workflow_type='inference', bundle_root=b, config_file=b + '/configs/inference.yaml',\n"
-        "                    logging_file=b + '/configs/logging.conf', meta_file=b + '/configs/metadata.json')\n"
+        f"                    logging_file=b + '/configs/logging.conf', meta_file=b + '/configs/metadata.json', dataset_dir={str(trained / 'demo')!r},\n"
+        f"                    cache_dir={str(tmp_path / 'cache')!r}, output_dir={str(tmp_path / 'zoo_pred')!r}, progress=False, num_bags=5)\n"
         "assert not w.check_properties(), w.check_properties()\n"
         "print('ZOO CHECKS PASSED')\n"
+        "import os\n"
+        f"os.chdir({str(tmp_path)!r})\n"
+        f"run(config_file={str(bundle / 'configs' / 'inference.yaml')!r}, bundle_root={str(bundle)!r}, input={str(cmu_svs)!r},\n"
+        f"    output_dir={str(tmp_path / 'pred')!r}, cache_dir={str(tmp_path / 'cache')!r}, num_bags=5, progress=False)\n"
     )
     r = subprocess.run([sys.executable, "-c", checks], cwd=zoo, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0 and "ZOO CHECKS PASSED" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert (bundle / "models" / "verify_model.ts").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert [row["slide_id"] for row in rows] == ["CMU-1-Small-Region"]
+    assert not (tmp_path / "outputs").exists()  # nothing written into the working folder
 
 
 def test_preprocessing_signature_is_derived_from_the_transforms():
     from scripts.features.extraction import transform_signature
+    from scripts.mil.trained import TrainedModel
 
     base = transform_signature(pipeline_parser().get_parsed_content("preprocessing"))
     assert base == transform_signature(pipeline_parser().get_parsed_content("preprocessing"))  # deterministic
     types = [t["type"].rsplit(".", 1)[1] for t in base["transforms"]]
     assert types == ["LoadMultiScaleRegiond", "Resized", "ScaleIntensityRanged", "NormalizeIntensityd", "EnsureTyped"]
-    for override in [{"normalize_mean": [0.5, 0.5, 0.5]}, {"patch_size": 224}]:
+    for override in [{"normalize_mean": [0.5, 0.5, 0.5]}, {"patch_size": 224}, {"read_cell_um": 512.0}]:
         assert transform_signature(pipeline_parser(override).get_parsed_content("preprocessing")) != base, override
-    p = pipeline_parser()
-    p["preprocessing"]["transforms"][3]["divisor"] = [1.0, 1.0, 1.0]  # an edit of the chain itself
-    assert transform_signature(p.get_parsed_content("preprocessing")) != base
-    assert pipeline_parser().get_parsed_content("deploy_settings")["preprocessing_signature"] == base
+    # inference and the Deploy export build the same chain from a checkpoint's settings (here: none, the defaults)
+    assert transform_signature(TrainedModel(ROOT / "no-such-model.pt").preprocessing()) == base
 
 
 def test_every_tunable_has_a_rule_and_is_checked():
     from scripts.config_checks import RULES, rules_table
 
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
-    assert set(raw["checked_ids"]) == set(RULES)
-    assert all(v == f"@{k}" for k, v in raw["checked_ids"].items())
-    tunables = {k for k, v in raw.items() if (isinstance(v, (int, float, str, type(None))) or
-                                             (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)))
-                and not str(v).startswith(("$", "@", "%"))
-                and k not in ("bundle_root", "input", "label_map", "imports", "eval_models", "ablation_models", "ablation_values",
-                              "ablation_id", "eval_test_manifest", "mil_model", "encoder_arch", "encoder_weights_prefix",
-                              "normalize_mean", "normalize_std", "demo_options", "train_overrides", "encoder_weights", "training",
-                              "pretrain_init_weights", "pretrain_init_prefix")}
-    assert tunables <= set(RULES), sorted(tunables - set(RULES))
+    exempt = {"bundle_root", "input", "label_map", "imports", "eval_models", "ablation_models", "ablation_values", "ablation_id",
+              "eval_test_manifest", "mil_model", "encoder_arch", "encoder_weights_prefix", "normalize_mean", "normalize_std",
+              "demo_options", "train_overrides", "encoder_weights", "training", "pretrain_init_weights", "pretrain_init_prefix",
+              "initialize", "scales_mpp"}
+    for cfg in (PIPELINE_CONFIG, EVALUATE_CONFIG, INFERENCE_CONFIG, DEPLOY_CONFIG):
+        raw = _raw(cfg)
+        tunables = {k for k, v in raw.items() if (isinstance(v, (int, float, str, type(None))) or
+                                                 (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)))
+                    and not str(v).startswith(("$", "@", "%")) and k not in exempt}
+        assert tunables <= set(RULES), (cfg.name, sorted(tunables - set(RULES)))
+        assert "checked_ids" not in raw and "flags" not in raw and "validated" not in raw
+        assert raw["initialize"][0].startswith("$scripts.workflows.command.start("), cfg.name  # checked before any work
+    assert "scales_mpp" in RULES
     docs = (ROOT / "docs" / "configuration.md").read_text()
     assert rules_table() in docs  # the documented table is the code's
 
 
 def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
     from scripts.config_checks import validate
-    from scripts.errors import BundleInputError
 
-    p = pipeline_parser({"output_dir": str(tmp_path / "out")})
-    assert p.get_parsed_content("validated") is True
+    p = _parser([PIPELINE_CONFIG], {"output_dir": str(tmp_path / "out")})
+    assert p.get_parsed_content("initialize") == [True]
     assert (tmp_path / "out").is_dir() and not [f for f in (tmp_path / "out").rglob("*") if f.is_file()]  # created, probes removed
     for bad, words in [({"patch_size": 8}, "[32, 4096]"), ({"val_fraction": 0.0}, "(0, 1]"), ({"num_workers": -1}, ">= 0"),
                        ({"learning_rate": 0}, "> 0"), ({"max_epochs": 2.5}, "integer"), ({"min_tissue": 2}, "[0, 1]"),
                        ({"on_error": "ignore"}, "raise"), ({"device": "tpu"}, "cpu, cuda"), ({"scales_mpp": []}, "non-empty"),
-                       ({"scales_mpp": [0.5, 1.0], "pretrain_scales_mpp": [2.0]}, "subset"), ({"mpp": True}, "number")]:
+                       ({"scales_mpp": [0.5, 1.0], "pretrain_scales_mpp": [2.0]}, "subset"), ({"mpp": True}, "number"),
+                       ({"eval_seed": -1}, "--eval_seed: -1 is not allowed")]:
         with pytest.raises(BundleInputError, match=re.escape(words)):
             validate(bad)
+    p = _parser([PIPELINE_CONFIG, EVALUATE_CONFIG], {"output_dir": str(tmp_path / "out"), "eval_num_splits": 1})
+    with pytest.raises(Exception) as err:  # initialize checks the overlay's ids too, before any work
+        p.get_parsed_content("initialize")
+    assert find_input_error(err.value).path == "--eval_num_splits"
 
 
 def test_what_needs_no_slide_reads_none_and_the_cohort_is_read_once(tmp_path):
@@ -233,7 +306,6 @@ def test_what_needs_no_slide_reads_none_and_the_cohort_is_read_once(tmp_path):
     assert len(tiles["records"]) == len(tiles["tiles"]) == 2 and (cohort / "manifest.csv").is_file()
     assert p.get_parsed_content("cohort").tiles() is tiles
 
-
 SWITCHES = ("progress", "mpp_force", "demo_if_missing", "bag_replacement", "eval_bootstrap_by_patient", "eval_verbose")
 
 
@@ -241,38 +313,102 @@ SWITCHES = ("progress", "mpp_force", "demo_if_missing", "bag_replacement", "eval
                                             ("true", True), ("YES", True), (1, True), (True, True)])
 def test_yes_no_ids_read_as_booleans_whatever_the_command_line_passes(given, expected, tmp_path):
     """`--progress false` reaches the config as the string 'false' (Python Fire keeps what it cannot read as a
-    literal; `False` arrives as a bool): validated, and every consumer reads the boolean."""
-    p = pipeline_parser({"output_dir": str(tmp_path / "out"), **{k: given for k in SWITCHES}})
-    assert p.get_parsed_content("validated") is True
-    assert p.get_parsed_content("flags") == {k: expected for k in SWITCHES}
-    assert p.get_parsed_content("eval_train_ids")["bag_replacement"] is expected  # what each protocol run inherits
-    assert p.get_parsed_content("deploy_settings")["bag_replacement"] is expected  # what the Deploy app reads
+    literal; `False` arrives as a bool): `initialize` validates it and every consumer then reads the boolean."""
+    p = _parser([PIPELINE_CONFIG, EVALUATE_CONFIG], {"output_dir": str(tmp_path / "out"), **{k: given for k in SWITCHES}})
+    assert p.get_parsed_content("initialize") == [True]
+    assert {k: p.get_parsed_content(k) for k in SWITCHES} == {k: expected for k in SWITCHES}
+    assert p.get_parsed_content("train#dataset#replacement") is expected  # what training and each protocol run read
     assert (p.get_parsed_content("demo") is None) is (not expected)
+    q = pipeline_parser({k: given for k in ("progress", "bag_replacement")})  # Python callers get the same
+    assert q.get_parsed_content("progress") is expected and q.get_parsed_content("bag_replacement") is expected
 
 
 def test_a_value_that_is_not_yes_or_no_stops_naming_the_id(tmp_path):
-    from scripts.errors import BundleInputError, find_input_error
-
     for key in SWITCHES:
-        p = pipeline_parser({"output_dir": str(tmp_path / "out"), key: "maybe"})
-        for target in ("validated", f"flags#{key}"):
-            with pytest.raises(Exception) as err:
-                p.get_parsed_content(target)
-            found = find_input_error(err.value)
-            assert isinstance(found, BundleInputError) and found.path == f"--{key}" and "'maybe'" in str(found), (target, err.value)
+        p = _parser([PIPELINE_CONFIG, EVALUATE_CONFIG], {"output_dir": str(tmp_path / "out"), key: "maybe"})
+        with pytest.raises(Exception) as err:
+            p.get_parsed_content("initialize")
+        found = find_input_error(err.value)
+        assert isinstance(found, BundleInputError) and found.path == f"--{key}" and "'maybe'" in str(found), err.value
+
+
+def test_the_command_line_is_checked_ids_and_stages(tmp_path):
+    """A misspelt id names the closest known one; an unknown stage lists the stages (or says which config has it);
+    training settings on inference's command line are checked against the checkpoint, not refused as unknown."""
+    from scripts.workflows.command import check_command_line, command_line, declared_ids
+
+    main = str(Path(__import__("monai").__file__).parent / "bundle" / "__main__.py")
+    cli = command_line([main, "run", "--config_file", "configs/train.yaml", "--patch_sizee", "128", "--train#trainer#max_epochs=3"])
+    assert cli == {"run_id": "run", "config_files": ["configs/train.yaml"], "ids": ["patch_sizee", "train"]}
+    assert command_line(["pytest", "run"]) is None  # not the bundle's command line: nothing to check
+    two = command_line([main, "run", "evaluate", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']"])
+    assert two["run_id"] == "evaluate" and two["config_files"] == ["configs/train.yaml", "configs/evaluate.yaml"]
+    assert {"patch_size", "train", "max_epochs", "initialize"} <= declared_ids([PIPELINE_CONFIG])
+    p = _parser([PIPELINE_CONFIG])
+    cases = [([PIPELINE_CONFIG], "run", ["patch_sizee"], "--patch_sizee", "did you mean 'patch_size'"),
+             ([PIPELINE_CONFIG], "run", ["max_epoch"], "--max_epoch", "did you mean 'max_epochs'"),
+             ([PIPELINE_CONFIG], "trainning", [], "run trainning", "prepare, pretrain, extract, cluster, training, run: did you mean 'training'"),
+             ([PIPELINE_CONFIG], "evaluate", [], "run evaluate", "configs/evaluate.yaml")]
+    for files, run_id, ids, path, words in cases:
+        with pytest.raises(BundleInputError, match=re.escape(words)) as err:
+            check_command_line(p, {"run_id": run_id, "config_files": [str(f) for f in files], "ids": ids})
+        assert err.value.path == path
+    check_command_line(p, {"run_id": "training", "config_files": [str(PIPELINE_CONFIG)], "ids": ["patch_size", "train", "debug"]})
+    from scripts.workflows.command import trained_ids
+
+    inference = _parser([INFERENCE_CONFIG])
+    check_command_line(inference, {"run_id": "inference", "config_files": [str(INFERENCE_CONFIG)], "ids": ["num_clusters"]},
+                       trained_ids())  # compared with the checkpoint by TrainedModel
+    with pytest.raises(BundleInputError, match="did you mean 'num_bags'"):
+        check_command_line(inference, {"run_id": "run", "config_files": [str(INFERENCE_CONFIG)], "ids": ["num_bag"]}, trained_ids())
+
+
+def test_the_trained_model_builds_everything_from_the_checkpoint(tmp_path, caplog):
+    """inference.yaml / deploy.yaml read the checkpoint with one expression: settings, network, encoders, tiling and
+    preprocessing from its contract; a conflicting setting stops naming both values; free ones replace the stored."""
+    import torch
+
+    from scripts.mil import contract
+    from scripts.mil.baselines import build_model
+    from scripts.mil.trained import TrainedModel
+
+    fresh = TrainedModel(tmp_path / "none.pt")  # a fresh clone: the training defaults (the Zoo's tools need network_def)
+    assert fresh.settings == contract.DEFAULTS and fresh.in_features == 128
+    assert type(fresh.network_def()).__name__ == type(build_model(contract.DEFAULTS["mil_model"], in_features=128)).__name__
+    with pytest.raises(BundleInputError, match="model checkpoint not found"):
+        fresh.network()
+    p = pipeline_parser({"num_clusters": 4, "mil_model": "csmil", "patch_size": 128, "seed": 3, "max_patches": 7})
+    recorded = p.get_parsed_content("model_contract")
+    net = contract.attach(build_model("csmil", in_features=128, num_clusters=4), recorded)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    t = TrainedModel(tmp_path / "model.pt")
+    assert (t.num_clusters, t.mil_model, t.patch_size, t.seed) == (4, "csmil", 128, 3)
+    assert t.tiling("tifffile").max_patches == 7 and t.tiling("tifffile").backend == "tifffile" and t.tiling().patch_size == 128
+    assert type(t.network()).__name__ == "CSMIL" and t.network().csmil_contract["num_clusters"] == 4
+    assert len(t.encoders()) == 3 and t.encoders() is t.encoders()  # built once
+    with pytest.raises(BundleInputError, match="num_clusters = 4 but this run has num_clusters = 8"):
+        TrainedModel(tmp_path / "model.pt", {"num_clusters": 8})
+    assert TrainedModel(tmp_path / "model.pt", {"seed": 5, "num_clusters": 4}).seed == 5  # free, and agreeing
+    torch.save(dict(net.state_dict()), tmp_path / "old.pt")  # 0.11: weights only
+    with caplog.at_level("WARNING"):
+        old = TrainedModel(tmp_path / "old.pt", {"mil_model": "csmil", "num_clusters": 4})
+    assert "no training contract" in caplog.text and old.mil_model == "csmil" and old.tiling().patch_size == 256
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,args", [("prepare", ["--patch_size", "0"]), ("inference", ["--num_bags", "0"]),
-                                        ("training", ["--scales_mpp", "[0.5]"]), ("export", ["--device", "cuda:7"])])
-def test_each_stage_checks_settings_first(stage, args, tmp_path):
-    config = {"export": "deploy", "training": "train"}.get(stage, stage)
+@pytest.mark.parametrize("stage,config,args,start", [
+    ("prepare", "train", ["--patch_size", "0"], "error: --patch_size"),
+    ("inference", "inference", ["--num_bags", "0"], "error: --num_bags"),
+    ("trainning", "train", [], "error: run trainning: train.yaml has no stage 'trainning'"),
+    ("training", "train", ["--max_epoch", "3"], "error: --max_epoch: is not an id of train.yaml")])
+def test_each_stage_checks_the_command_line_and_settings_first(stage, config, args, start, tmp_path):
+    """As a user types them: a bad value, a misspelt stage or id stops with one line before any work."""
     r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", stage, "--config_file", f"configs/{config}.yaml",
                         "--dataset_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"), *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = [x for x in r.stderr.strip().splitlines() if not x.lstrip().startswith(("warnings.warn", "/")) and "Warning" not in x]
-    assert lines[-1].startswith("error: --") and "Fix:" in lines[-1], r.stderr[-2000:]
+    assert lines[-1].startswith(start) and "Fix:" in lines[-1], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "nowhere").exists()  # nothing was generated before the check
 
@@ -305,7 +441,7 @@ def test_prepare_from_another_folder_builds_the_demo_where_told(tmp_path):
     """The data stages run from any folder too: the demo cohort and the tiles go where the ids say."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    r = _run_from(elsewhere, "run", "prepare", "--config_file", str(ROOT / "configs" / "prepare.yaml"), "--bundle_root", str(ROOT),
+    r = _run_from(elsewhere, "run", "prepare", "--config_file", str(ROOT / "configs" / "train.yaml"), "--bundle_root", str(ROOT),
                   "--dataset_dir", str(tmp_path / "demo"), "--output_dir", str(tmp_path / "out"), "--demo_num_patients", "2",
                   "--demo_slide_size", "1024", "--progress", "False")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -326,25 +462,9 @@ def test_inference_refuses_other_encoders_before_encoding(tmp_path):
     assert contract.check_encoders(net, build_scale_encoders("tiny", 3, seed=0), "tiny", tmp_path / "model.pt") is net
     with pytest.raises(BundleInputError, match="trained on features of encoders"):
         contract.check_encoders(net, build_scale_encoders("tiny", 3, seed=5), "tiny", tmp_path / "model.pt")
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
-    assert "check_encoders" in raw["infer_network"] and "@entries" not in raw["infer_network"]  # checked before extraction
-
-
-def test_trained_settings_are_taken_before_any_is_read(tmp_path):
-    from scripts.mil.contract import TrainedSettings
-
-    s = TrainedSettings()
-    assert s.take(tmp_path / "missing.pt") and s.values == {} and s.get("num_clusters", 8) == 8  # nothing to take
-    with pytest.raises(RuntimeError, match="before the checkpoint"):
-        s.take(tmp_path / "missing.pt")  # a setting was read already: the config's order is wrong
-    raw = yaml.safe_load(PIPELINE_CONFIG.read_text())
-    for run_id in ("inference", "export"):
-        assert raw[run_id][0] == "$@trained_settings.take(@ckpt_path)", run_id  # first item: before every check
-    from scripts.mil.contract import SETTINGS, TAKEN
-
-    for key in [k for k in SETTINGS + TAKEN if k != "in_features"]:
-        assert raw[key].startswith(f"$@trained_settings.get('{key}', "), key
-        assert raw["model_contract"][key] == f"@{key}", key  # recorded by training
+    raw = _raw(INFERENCE_CONFIG)
+    assert raw["network"] == "$@trained.checked_network(@device)"  # TrainedModel.checked_network: check_encoders
+    assert raw["initialize"][1] == "$@network"  # checked in initialize: before any slide is tiled or encoded
 
 
 @pytest.mark.slow
@@ -357,13 +477,13 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     from scripts.mil.contract import read_file
 
     shutil.copytree(trained / "out" / "cache", tmp_path / "cache")  # tiles and features; clusters are made again (k = 4)
-    common = ["--dataset_dir", str(trained / "demo"), "--cache_dir", str(tmp_path / "cache"), "--ckpt_dir", str(tmp_path / "models"),
-              "--progress", "False"]
+    data = ["--dataset_dir", str(trained / "demo"), "--cache_dir", str(tmp_path / "cache"), "--progress", "False"]
     settings = ["--num_clusters", "4", "--mil_model", "csmil", "--seed", "3", "--bag_per_cluster", "4"]
 
     def bundle(*args):
-        return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, *common], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
+        extra = [] if "configs/deploy.yaml" in args else data  # the export reads no slide
+        return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, "--ckpt_dir", str(tmp_path / "models"), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
 
     r = bundle("training", "--config_file", "configs/train.yaml", "--output_dir", str(tmp_path / "train"), "--max_epochs", "1",
                "--val_fraction", "0.5", *settings)
@@ -378,7 +498,7 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     r = bundle("inference", "--config_file", "configs/inference.yaml", "--output_dir", str(tmp_path / "pred2"), "--num_clusters", "8")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "num_clusters = 4 but this run has num_clusters = 8" in r.stderr
-    r = bundle("export", "--config_file", "configs/deploy.yaml", "--output_dir", str(tmp_path / "exp"), "--deploy_dir", str(tmp_path / "deploy"))
+    r = bundle("export", "--config_file", "configs/deploy.yaml", "--deploy_dir", str(tmp_path / "deploy"))
     assert r.returncode == 0, r.stderr[-3000:]
     exported = DeployModels(tmp_path / "deploy").settings
     assert exported["num_clusters"] == 4 and exported["contract"]["mil_model"] == "csmil"
@@ -395,3 +515,4 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     assert (old.parent / "model.pt.orig").is_file()
     again = subprocess.run([sys.executable, "-m", "scripts.mil.upgrade_checkpoint", str(old)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and again.stderr.strip().splitlines()[-1].startswith("error: ") and "already carries" in again.stderr
+

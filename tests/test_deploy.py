@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from scripts.deploy.export import config_section, encoder_dirs, export_model_repository, load_settings
+from scripts.deploy.export import encoder_dirs, export_model_repository, load_settings
 from scripts.deploy.runtime import DeployModels
 from scripts.errors import BundleInputError
 from scripts.features.encoders import build_encoder
@@ -84,19 +84,20 @@ def test_export_checks_one_encoder_per_scale(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_config_section_fills_references_and_names_unknown_ones(tmp_path):
-    values = {"scale_keys": ["a", "b", "c"], "scales_mpp": (0.5, 1.0, 2.0), "patch_size": 224, "wsi_backend": "tifffile",
-              "read_cell_um": 512.0, "normalize_mean": [0.5] * 3, "normalize_std": [0.25] * 3}
-    section = config_section(ROOT / "configs" / "train.yaml", "preprocessing", values)
-    assert section["transforms"][0]["scales_mpp"] == [0.5, 1.0, 2.0] and section["transforms"][0]["backend"] == "tifffile"
-    assert section["transforms"][1]["spatial_size"] == [224, 224]
-    assert "@" not in json.dumps(section)
+def test_the_app_rebuilds_the_patch_preprocessing_from_its_settings():
+    """The exported settings hold the preprocessing as a MONAI config section that builds the same transforms as
+    extraction (the store's signature: the app finds the bundle's features)."""
     from monai.bundle import ConfigParser
 
+    from scripts.features.extraction import transform_signature
+    from scripts.features.preprocessing import patch_preprocessing, preprocessing_section
+
+    values = dict(scales_mpp=(0.5, 1.0, 2.0), patch_size=224, backend="tifffile", read_cell_um=512.0, mean=[0.5] * 3, std=[0.25] * 3)
+    section = preprocessing_section(**values)
+    assert json.loads(json.dumps(section)) == section and section["scales_mpp"] == [0.5, 1.0, 2.0]
     compose = ConfigParser({"p": section}).get_parsed_content("p")
     assert [type(t).__name__ for t in compose.transforms][:2] == ["LoadMultiScaleRegiond", "Resized"]
-    with pytest.raises(BundleInputError, match="@patch_size"):
-        config_section(ROOT / "configs" / "train.yaml", "preprocessing", {k: v for k, v in values.items() if k != "patch_size"})
+    assert transform_signature(compose) == transform_signature(patch_preprocessing(**values))
 
 
 def test_missing_or_incomplete_repository_names_the_folder_and_the_export_command(tmp_path):
@@ -131,8 +132,7 @@ def test_packaging_files_are_in_step_with_the_bundle():
 @pytest.fixture(scope="module")
 def deploy_repo(trained):
     """``run export`` of the trained demo model: ``<trained>/models/deploy``."""
-    r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(trained / "models"),
-            "--dataset_dir", str(trained / "demo"), "--output_dir", str(trained / "out"))
+    r = run("-m", "monai.bundle", "run", "export", "--config_file", "configs/deploy.yaml", "--ckpt_dir", str(trained / "models"))
     assert r.returncode == 0, r.stderr[-3000:]
     repo = trained / "models" / "deploy"
     assert (repo / "csmil" / "model.ts").is_file() and len(list(repo.glob("encoder_*/model.ts"))) == 3

@@ -20,7 +20,7 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
     common = ["--dataset_dir", str(data), "--output_dir", str(out), "--demo_num_patients", str(TINY_DEMO.num_patients),
               "--demo_slide_size", str(TINY_DEMO.size), "--progress", "False"]
     # earlier stages once, in one process (ranks would otherwise race to build the same caches)
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "cluster", "--config_file", "configs/cluster.yaml", *common],
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "cluster", "--config_file", "configs/train.yaml", *common],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -31,7 +31,7 @@ def _cohort_with_bad_slides(tiny_demo, tmp_path):
 def test_skip_policy_finishes_the_good_slides_and_exits_non_zero(tiny_demo, tmp_path):
     manifest = _cohort_with_bad_slides(tiny_demo, tmp_path)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "cluster", "--config_file", "configs/cluster.yaml",
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "cluster", "--config_file", "configs/train.yaml",
            "--manifest", str(manifest), "--dataset_dir", str(tmp_path), "--output_dir", str(out), "--progress", "False"]
     r = subprocess.run([*cmd, "--on_error", "skip"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 1, r.stderr[-2000:]

@@ -30,15 +30,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from scripts.evaluation import workflow
     from scripts.evaluation.protocol import Variant, _quiet, run_one
-    from scripts.workflows.pipeline_config import PIPELINE_CONFIG, pipeline_parser
+    from scripts.workflows.pipeline_config import EVALUATE_CONFIG, PIPELINE_CONFIG, pipeline_parser
     from scripts.workflows.splits import protocol_splits
 
-    parser = pipeline_parser({"dataset_dir": args.dataset_dir, "cache_dir": args.cache_dir, "progress": False})
-    entries = parser.get_parsed_content("entries")  # builds the features once (not timed)
-    models = parser.get_parsed_content("eval_models") if args.models == "all" else args.models.split(",")
-    train_ids = dict(parser.get_parsed_content("eval_train_ids"))
+    overrides = {"dataset_dir": args.dataset_dir, "cache_dir": args.cache_dir, "progress": False}
     if args.max_epochs:
-        train_ids["max_epochs"] = args.max_epochs
+        overrides["max_epochs"] = args.max_epochs
+    parser = pipeline_parser(overrides, [PIPELINE_CONFIG, EVALUATE_CONFIG])
+    entries = parser.get_parsed_content("datalist")  # builds the features once (not timed)
+    models = parser.get_parsed_content("eval_models") if args.models == "all" else args.models.split(",")
+    config = parser.get()
     out = Path(tempfile.mkdtemp(prefix="csmil-eval-bench-"))
     try:
         ids = [e.slide_id for e in entries]
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         by_id = {e.slide_id: e for e in entries}
         t = time.perf_counter()
         with _quiet(True):
-            run_one(str(PIPELINE_CONFIG), train_ids, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
+            run_one(config, Variant("csmil", "csmil"), {k: [by_id[i] for i in v] for k, v in split.items()}, out / "single", 100, 0)
         one = time.perf_counter() - t
         t = time.perf_counter()
-        workflow.evaluate(PIPELINE_CONFIG, train_ids, entries, out / "protocol", models, num_splits=args.splits, progress=True, workers=args.workers)
+        workflow.evaluate(config, entries, out / "protocol", models, num_splits=args.splits, progress=True, workers=args.workers)
         total = time.perf_counter() - t
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     if models is None:
         import yaml
 
-        models = list(yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["eval_models"]) + list(ABLATIONS)
+        models = list(yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text())["eval_models"]) + list(ABLATIONS)
     t = time.perf_counter()
     reports = {}
     for seed in seeds:
         out = work / f"out-seed{seed}"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", "configs/evaluate.yaml",
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
                "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
                "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(args.splits),
                "--eval_workers", str(args.workers), "--eval_reference", "csmil_joint",

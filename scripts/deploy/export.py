@@ -9,8 +9,9 @@ Layout (MONAI Deploy's "named model" repository: one folder per model, one file 
     <deploy_dir>/encoder_5x/model.ts
 
 ``settings.json`` holds everything the application needs besides the weights (scales, tiling, the patch
-preprocessing as a MONAI config section, clustering, bag sampling), so the app never reads the bundle's
-configs and the exported models cannot drift from the settings they were trained with.
+preprocessing as a MONAI config section, clustering, bag sampling: :meth:`scripts.mil.trained.TrainedModel.deploy_settings`,
+from the checkpoint's contract), so the app never reads the bundle's configs and the exported models cannot drift
+from the settings they were trained with.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import yaml
 
 from scripts import __version__
 from scripts.cache import atomic_dir
@@ -45,33 +45,6 @@ INPUT_FILE = "input.json"
 def encoder_dirs(scales_mpp: Sequence[float]) -> list[str]:
     """Folder name of each scale's encoder: ``encoder_20x``, ``encoder_10x``, ``encoder_5x``."""
     return [f"encoder_{scale_name(m)}" for m in scales_mpp]
-
-
-def config_section(config_file: str | Path, section: str, values: Mapping[str, Any]) -> Any:
-    """The raw config ``section`` of ``config_file`` with every ``"@id"`` reference replaced by ``values[id]``.
-
-    Used to ship the patch preprocessing of the pipeline config (configs/train.yaml) (a MONAI ``Compose`` declared in the config)
-    inside the model, so the Deploy app rebuilds exactly the same transforms with ``ConfigParser``.
-    """
-    config_file = Path(config_file)
-    raw = yaml.safe_load(config_file.read_text())
-    if section not in raw:
-        raise BundleInputError(config_file, f"config has no '{section}' section", "restore it from the bundle")
-
-    def sub(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: sub(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [sub(v) for v in node]
-        if isinstance(node, str) and node.startswith("@"):
-            ref = node[1:]
-            if ref not in values:
-                raise BundleInputError(config_file, f"'{section}' refers to @{ref}, which the export was not given",
-                                       "add it to the values passed to config_section in configs/train.yaml (preprocessing_config)")
-            return _plain(values[ref])
-        return node
-
-    return sub(raw[section])
 
 
 def _plain(value: Any) -> Any:

@@ -32,6 +32,8 @@ class TrainedModel:
         self.contract = contracts.read_file(self.ckpt_path) if self.ckpt_path.is_file() else None
         stored = {k: v for k, v in (self.contract or {}).items() if k in contracts.DEFAULTS}
         overrides = {k: v for k, v in (overrides or {}).items() if k in contracts.DEFAULTS}
+        if self.contract is None and self.ckpt_path.is_file():
+            contracts.check_settings(None, overrides, self.ckpt_path)  # warns: a checkpoint of 0.11 or earlier
         if self.contract is not None:
             contracts.check_settings(self.contract, overrides, self.ckpt_path)
             logger.info("settings from the checkpoint %s: %s", self.ckpt_path,

@@ -142,7 +142,9 @@ def normalise_and_validate(parser: ConfigParser) -> None:
     validate(values)  # one line naming the id and the fix for the first bad value
     switches = {k: as_bool(v) for k, v in values.items() if RULES[k].kind == "bool" and not isinstance(v, bool)}
     for key, value in switches.items():
-        parser[key] = value  # resets the parser's resolved content: later references re-resolve with the booleans
+        parser[key] = value
+    if switches:  # setting an id drops what was resolved: parse again so later references resolve with the booleans
+        parser.parse(reset=True)
 
 
 def trained_ids() -> tuple[str, ...]:
