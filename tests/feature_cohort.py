@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.data.manifest import SlideRecord
 from scripts.features.store import FeatureEntry
 
 
@@ -22,9 +23,8 @@ def write_entry(root: Path, slide_id: str, patient_id: str, label: int, features
     np.save(d / "coords.npy", np.stack([np.arange(len(features)) * 256.0, np.zeros(len(features))], 1))
     np.save(d / "clusters.npy", clusters.astype(np.int64))
     (d / "clusters.json").write_text(json.dumps({"k": int(clusters.max()) + 1}))
-    (d / "meta.json").write_text(json.dumps({"slide_id": slide_id, "patient_id": patient_id, "label": label,
-                                             "num_patches": len(features)}))
-    return FeatureEntry(d)
+    (d / "meta.json").write_text(json.dumps({"slide_id": slide_id, "num_patches": len(features)}))
+    return FeatureEntry(d, SlideRecord(slide_id, patient_id, f"{slide_id}.tif", int(label)))  # the manifest's row
 
 
 def cross_scale_cohort(root: Path, num_patients: int = 24, slides_per_patient: int = 1, dim: int = 128, num_scales: int = 3,

@@ -1,4 +1,4 @@
-"""The evaluation protocol: splits, variants, runs through configs/train.yaml, resume, report."""
+"""The evaluation protocol: splits, variants, runs trained with the training config, resume, report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import ROOT
 from feature_cohort import cross_scale_cohort
 from scripts.errors import BundleInputError
 from scripts.evaluation import protocol, report, workflow
-from scripts.workflows.pipeline_config import PIPELINE_CONFIG
+from scripts.workflows.pipeline_config import training_config
 from scripts.workflows.splits import protocol_splits
 
 
@@ -76,12 +76,12 @@ def test_variants_and_ablation_names():
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """A small protocol on a synthetic cross-scale feature cohort, run through configs/train.yaml."""
+    """A small protocol on a synthetic cross-scale feature cohort, each run trained with configs/train.yaml."""
     tmp = tmp_path_factory.mktemp("evaluation")
     entries = cross_scale_cohort(tmp / "store", num_patients=16)
     out = tmp / "out"
     files = workflow.evaluate(
-        PIPELINE_CONFIG, {"max_epochs": 8, "val_interval": 1}, entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
+        training_config({"max_epochs": 8, "val_interval": 1}), entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
         seed=0, test_bags=4, bootstrap_resamples=200, ablation_id="bag_per_cluster", ablation_values=[2], progress=False,
     )
     return entries, out, files
@@ -118,7 +118,7 @@ def test_protocol_resumes_without_retraining(evaluated, monkeypatch):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        workflow.evaluate(PIPELINE_CONFIG, {"max_epochs": 8, "val_interval": 1}, entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
+        workflow.evaluate(training_config({"max_epochs": 8, "val_interval": 1}), entries, out, models=["csmil", "deepattnmisl_5x"], num_splits=2,
                           seed=0, test_bags=4, bootstrap_resamples=200, ablation_id="bag_per_cluster", ablation_values=[2], progress=False)
     finally:
         os.chdir(cwd)
@@ -143,7 +143,7 @@ def test_markdown_tables_follow_the_paper_layout():
 def test_external_test_set_is_scored_by_the_ensemble_of_split_models(tmp_path, monkeypatch):
     entries = cross_scale_cohort(tmp_path / "store", num_patients=12)
     dev, test = entries[:8], entries[8:]
-    files = workflow.evaluate(PIPELINE_CONFIG, {"max_epochs": 2}, dev, tmp_path / "out", models=["csmil", "deepattnmisl_20x"], test_entries=test,
+    files = workflow.evaluate(training_config({"max_epochs": 2}), dev, tmp_path / "out", models=["csmil", "deepattnmisl_20x"], test_entries=test,
                               num_splits=2, seed=0, test_bags=3, bootstrap_resamples=50, progress=False)
     rep = json.loads(files["json"].read_text())
     assert rep["protocol"]["mode"] == "external_test"
@@ -167,3 +167,14 @@ def test_protocol_numbers_unchanged_by_the_config_layer(evaluated):
     for model, g in golden.items():
         assert rep["models"][model]["predictions"] == pytest.approx(g["predictions"], abs=1e-9), model
         assert rep["models"][model]["mean"]["auc"] == pytest.approx(g["mean_auc"], abs=1e-12), model
+
+
+def test_a_relabelled_slide_is_never_served_from_the_run_cache(tmp_path):
+    """The run cache's key holds the manifest's labels and patients: a corrected manifest trains again."""
+    from scripts.data.manifest import SlideRecord
+    from scripts.features.store import FeatureEntry
+
+    e = cross_scale_cohort(tmp_path / "store", num_patients=2)[0]
+    flipped = FeatureEntry(e.path, SlideRecord(e.slide_id, e.patient_id, e.record.path, 1 - e.label))
+    moved = FeatureEntry(e.path, SlideRecord(e.slide_id, "other-patient", e.record.path, e.label))
+    assert len({str(protocol._entry_key(x)) for x in (e, flipped, moved)}) == 3

@@ -122,7 +122,7 @@ def test_map_footprint_is_the_tiled_patch_size(tmp_path, patch_size):
     (tiles / "meta.json").write_text(json.dumps({"mpp": 0.25, "path": str(slide), "level_dims": [[1024, 1024]],
                                                  "tiling": {"patch_size": patch_size, "backend": "openslide"}}))
     coords = np.array([[512, 512]])
-    entry = SimpleNamespace(slide_id="s", meta={"tiles_dir": str(tiles), "label": 1}, num_patches=1, coords=lambda: coords)
+    entry = SimpleNamespace(slide_id="s", label=1, meta={"tiles_dir": str(tiles)}, num_patches=1, coords=lambda: coords)
     pred = SlidePrediction("s", 0.7, np.ones((1, 3), np.float32), np.full((1, 3), 1 / 3, np.float32), 0.0)
     write_slide_outputs(entry, pred, tmp_path / "out", [0.5, 1.0, 2.0])
     ring = json.loads((tmp_path / "out" / "s" / "attention.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
