@@ -143,8 +143,6 @@ def normalise_and_validate(parser: ConfigParser) -> None:
     switches = {k: as_bool(v) for k, v in values.items() if RULES[k].kind == "bool" and not isinstance(v, bool)}
     for key, value in switches.items():
         parser[key] = value
-    if switches:  # setting an id drops what was resolved: parse again so later references resolve with the booleans
-        parser.parse(reset=True)
 
 
 def trained_ids() -> tuple[str, ...]:
@@ -172,6 +170,9 @@ def start(overlay_on: str | None = None) -> bool:
     driven_by_checkpoint = "trained" in parser
     check_command_line(parser, command_line(), trained_ids() if driven_by_checkpoint else ())
     normalise_and_validate(parser)
+    # parse again: later references resolve with the booleans, and the config's `$import scripts` is evaluated anew
+    # (initialize may run before MONAI puts bundle_root on sys.path, when the import could only give a placeholder)
+    parser.parse(reset=True)
     return True
 
 
