@@ -1,7 +1,7 @@
 """Every tunable id of the pipeline config with its type and range, checked once when a command starts.
 
-:data:`RULES` is the table (rendered in docs/configuration.md); :func:`validate` checks the values the config
-hands over (``checked_ids`` in configs/train.yaml) before any work and raises one
+:data:`RULES` is the table (rendered in docs/configuration.md); :func:`validate` checks the values of the ids a
+config holds (every config's ``initialize``: :func:`scripts.workflows.command.start`) before any work and raises one
 :class:`~scripts.errors.BundleInputError` naming the id, the value, what is allowed and the fix. The checks
 that need the environment (backend importable, device present, folders writable) run here too.
 """

@@ -333,14 +333,42 @@ def _contract_checkpoint(tmp):
 
 
 def case_checkpoint_other_settings(tmp):
-    from scripts.inference.predict import load_network
-    from scripts.mil import contract
-    from scripts.mil.networks import CSMIL
+    from scripts.mil.trained import TrainedModel
 
-    trained = _contract_checkpoint(tmp)
-    now = dict(trained.csmil_contract, scales_mpp=[0.5, 2.0])
-    load_network(CSMIL(in_features=16, num_clusters=4), tmp / "model.pt", contract=contract.make_contract(
-        **{k: v for k, v in now.items() if k in contract.SETTINGS}))
+    _contract_checkpoint(tmp)
+    TrainedModel(tmp / "model.pt", {"scales_mpp": [0.5, 2.0]})  # inference / export with --scales_mpp "[0.5,2.0]"
+
+
+def _config_parser(*names):
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config([str(ROOT / "configs" / n) for n in names])
+    p["bundle_root"] = str(ROOT)
+    return p
+
+
+def case_command_line_unknown_id(tmp):
+    from scripts.workflows.command import check_command_line
+
+    check_command_line(_config_parser("train.yaml"), {"run_id": "run", "config_files": ["configs/train.yaml"], "ids": ["patch_sizee"]})
+
+
+def case_command_line_unknown_stage(tmp):
+    from scripts.workflows.command import check_command_line
+
+    check_command_line(_config_parser("train.yaml"), {"run_id": "trainning", "config_files": ["configs/train.yaml"], "ids": []})
+
+
+def case_evaluate_overlay_alone(tmp):
+    from scripts.errors import find_input_error
+
+    p = _config_parser("evaluate.yaml")
+    try:
+        for i in range(len(p["initialize"])):
+            p.get_parsed_content(f"initialize#{i}")
+    except Exception as err:  # MONAI wraps what an expression raises
+        raise find_input_error(err) or err
 
 
 def case_checkpoint_other_encoders(tmp):
@@ -440,6 +468,9 @@ CASES = {
     "manifest_same_file_twice": (case_manifest_same_file_twice, "already listed"),
     "manifest_bad_split": (case_manifest_bad_split, "is not one of"),
     "checkpoint_other_settings": (case_checkpoint_other_settings, "trained with scales_mpp = [0.5,1,2]"),
+    "command_line_unknown_id": (case_command_line_unknown_id, "is not an id of train.yaml"),
+    "command_line_unknown_stage": (case_command_line_unknown_stage, "has no stage 'trainning'"),
+    "evaluate_overlay_alone": (case_evaluate_overlay_alone, "overlay on configs/train.yaml"),
     "checkpoint_other_encoders": (case_checkpoint_other_encoders, "features of encoders"),
     "encoder_file_not_exported": (case_encoder_file_not_exported, "cannot be loaded as an exported encoder"),
     "encoder_file_returns_tokens": (case_encoder_file_returns_tokens, "not [batch, features]"),

@@ -521,3 +521,37 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     again = subprocess.run([sys.executable, "-m", "scripts.mil.upgrade_checkpoint", str(old)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and again.stderr.strip().splitlines()[-1].startswith("error: ") and "already carries" in again.stderr
 
+
+
+@pytest.mark.slow
+def test_a_relabelled_manifest_changes_trainings_labels_without_new_extraction(trained, tmp_path):
+    """Labels, patients and splits come from the manifest of the command (the datalist), never from the feature
+    cache: relabelling every slide changes what training sees, and nothing is tiled or encoded again."""
+    rows = list(csv.DictReader(open(trained / "demo" / "manifest.csv")))
+    cache = trained / "out" / "cache"
+    stamps = {f: f.stat().st_mtime_ns for f in cache.rglob("*.npy")}
+
+    def relabelled(name, label_of):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "manifest.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["slide_id", "patient_id", "path", "label"])
+            for r in rows:
+                w.writerow([r["slide_id"], r["patient_id"], str(trained / "demo" / r["path"]), label_of(r)])
+        return pipeline_parser({"dataset_dir": str(d), "cache_dir": str(cache), "output_dir": str(tmp_path / name / "out"),
+                                "demo_if_missing": False, "progress": False, "val_fraction": 0.5})
+
+    p = relabelled("flipped", lambda r: 1 - int(r["label"]))
+    datalist = p.get_parsed_content("datalist")
+    flipped = {r["slide_id"]: 1 - int(r["label"]) for r in rows}
+    assert {e.slide_id: e.label for e in datalist} == flipped
+    assert {e.path.parent for e in datalist} == {cache / "features"}  # the cached entries, found by the slide's identity
+    written = json.loads((tmp_path / "flipped" / "out" / "datalist.json").read_text())["slides"]
+    assert {i["slide_id"]: i["label"] for i in written} == flipped
+    train = p.get_parsed_content("train#dataset")
+    assert train.cache.labels == [flipped[e.slide_id] for e in train.cache.entries]  # what the bags are labelled with
+    assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.npy")} == stamps  # no tiling, extraction or clustering again
+    one_class = relabelled("all_positive", lambda r: 1)
+    with pytest.raises(BundleInputError, match="both classes"):  # was silently trained on the cached labels before 0.15
+        one_class.get_parsed_content("split")

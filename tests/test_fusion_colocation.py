@@ -1,4 +1,4 @@
-"""`run evaluate` on a small generated co-location cohort (`strong2`, 40 patients; the label is a 20x texture
+"""The evaluation protocol (train.yaml + evaluate.yaml, in process) on a small generated co-location cohort (`strong2`, 40 patients; the label is a 20x texture
 inside a 5x ring at one location): csmil_joint beats every single-scale baseline and is within 0.05 combined
 AUC of the concatenation baseline (dsmil), and its per-scale maps find the lesions.
 
@@ -10,13 +10,12 @@ and above every single-scale model on four; on seed 3 both multi-scale models fa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from monai.bundle import ConfigWorkflow
 
 from conftest import ROOT
-from scripts.benchmarks.fusion import SINGLE_SCALE, cohort_overrides
+from scripts.benchmarks.fusion import COLOCATION_COHORTS, SINGLE_SCALE
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +24,14 @@ MODELS = ("csmil_joint", "dsmil", *SINGLE_SCALE)
 
 def test_joint_fusion_matches_concatenation_and_beats_single_scales_on_a_colocation_cohort(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", "configs/evaluate.yaml",
-           "--dataset_dir", str(tmp_path / "strong2"), "--output_dir", str(out), "--progress", "False",
-           "--eval_num_splits", "5", "--eval_bootstrap_resamples", "200", "--eval_workers", "2",
-           "--eval_reference", "csmil_joint", *cohort_overrides("strong2", 40), "--eval_models", json.dumps(list(MODELS))]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stderr[-3000:]
+    cohort = {k: list(v) if isinstance(v, tuple) else v for k, v in COLOCATION_COHORTS["strong2"].items()}
+    size = cohort.pop("size")
+    w = ConfigWorkflow(config_file=[str(ROOT / "configs" / "train.yaml"), str(ROOT / "configs" / "evaluate.yaml")], workflow_type="train",
+                       bundle_root=str(ROOT), dataset_dir=str(tmp_path / "strong2"), output_dir=str(out), progress=False,
+                       eval_num_splits=5, eval_bootstrap_resamples=200, eval_workers=2, eval_reference="csmil_joint",
+                       demo_num_patients=40, demo_slide_size=size, demo_options=cohort, eval_models=list(MODELS))
+    w.initialize()
+    w.run()
     rep = json.loads((out / "report" / "report.json").read_text())
     assert set(rep["models"]) == set(MODELS)
     auc = {n: rep["models"][n]["combined"]["auc"] for n in MODELS}

@@ -1,6 +1,6 @@
 """Patch intensity preprocessing as the first layer of the encoder, run on the encoder's device.
 
-The pipeline config declares the patch chain as MONAI transforms (``preprocessing`` in configs/train.yaml: the
+The patch chain is MONAI transforms (``preprocessing`` in configs/train.yaml, :mod:`scripts.features.preprocessing`: the
 multi-scale reader, then ``ScaleIntensityRanged``, ``NormalizeIntensityd``, ``EnsureTyped``). Extraction splits
 it (:func:`split_transform`): loader workers run the reader and hand over uint8 patches (a quarter of the bytes
 of float32), and the intensity transforms become a :class:`PatchNormalize` module in front of the encoder

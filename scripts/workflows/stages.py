@@ -1,9 +1,9 @@
-"""Stage functions of the pipeline config (``configs/train.yaml``).
+"""Stage functions of the training config (``configs/train.yaml``).
 
-The config chains the stages by reference inside one parse: ``read_records`` -> ``tiles`` (:class:`LazyCohort`
-over :func:`prepare_cohort`) -> ``features`` (:func:`scripts.features.extraction.extract_cohort`) -> ``entries``
-(:func:`scripts.features.clustering.cluster_cohort`). Every stage is cached on disk, so a command computes only
-what is missing.
+The config chains the stages by reference: ``read_records`` -> ``tiles`` (:class:`LazyCohort` over
+:func:`prepare_cohort`) -> ``features`` (:func:`scripts.features.extraction.extract_cohort`) -> ``entries``
+(:func:`scripts.features.clustering.cluster_cohort`) -> ``datalist`` (:mod:`scripts.data.datalist`). Every stage is
+cached on disk, so a command computes only what is missing; the entries carry the manifest's rows.
 """
 
 from __future__ import annotations
