@@ -556,5 +556,6 @@ def test_a_relabelled_manifest_changes_trainings_labels_without_new_extraction(t
     assert train.cache.labels == [flipped[e.slide_id] for e in train.cache.entries]  # what the bags are labelled with
     assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.npy")} == stamps  # no tiling, extraction or clustering again
     one_class = relabelled("all_positive", lambda r: 1)
-    with pytest.raises(BundleInputError, match="both classes"):  # was silently trained on the cached labels before 0.15
+    with pytest.raises(Exception) as err:  # was silently trained on the cached labels before 0.15
         one_class.get_parsed_content("split")
+    assert "both classes" in str(find_input_error(err.value))
