@@ -22,6 +22,16 @@ TEST_DATA = Path(os.environ.get("CSMIL_TEST_DATA", ROOT / "tests" / "data"))
 SCHEMA = TEST_DATA / "meta_schema_20240725.json"
 
 
+#: the longest modules (a protocol each, or several torchrun runs), started first so that pytest-xdist's two workers
+#: (pytest.ini: -n 2 --dist loadfile) share out the rest around them instead of one of them running last, alone
+LONGEST_FIRST = ("test_fusion_colocation.py", "test_zoo_workflows.py", "test_cohort_scale.py", "test_config_layer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a module is kept
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A run that collected no test must fail, not pass silently (pytest exit 5)."""
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
@@ -35,6 +45,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_bundle(config: str | list[str], run_id: str = "run", **overrides):
+    """A bundle command in this process, as ``python -m monai.bundle run <run_id> --config_file <config> --<id> <value>``
+    runs it (MONAI's ConfigWorkflow: initialize, run, finalize) without the ~8 s of imports of a new process; use a
+    subprocess where the command line itself (one-line errors, exit codes, argv checks) is under test."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(ROOT / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
+    w = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], run_id=run_id, meta_file=str(ROOT / "configs" / "metadata.json"),
+                       logging_file=False,  # keep pytest's log capture (configs/logging.conf would replace the root handlers)
+                       **{"bundle_root": str(ROOT), "progress": False, **overrides})
+    w.initialize()
+    result = w.run()
+    w.finalize()
+    return result
 
 
 def _require(path: Path) -> Path:

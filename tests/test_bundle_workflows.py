@@ -1,4 +1,4 @@
-"""End-to-end runs of the bundle commands in a subprocess, as a user types them."""
+"""End-to-end runs of the bundle commands as a user types them (a subprocess where the command line is under test)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DEMO, default_network
+from conftest import run_bundle, ROOT, TINY_DEMO, default_network
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,9 @@ def test_missing_manifest_is_one_clear_line(tmp_path):
 def test_extract_with_pretrained_encoders(tmp_path):
     """`--encoder_weights pretrain` runs SimSiam per scale first and extracts with those weights."""
     data, out = tmp_path / "demo", tmp_path / "out"
-    r = bundle("run", "extract", "--config_file", "configs/train.yaml", *tiny_overrides(data, out),
-               "--encoder_weights", "pretrain", "--pretrain_epochs", "1", "--pretrain_batch_size", "8",
-               "--pretrain_max_patches_per_slide", "4", "--pretrain_scales_mpp", "[1.0,2.0]", "--max_patches", "16")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_bundle("train.yaml", "extract", dataset_dir=str(data), output_dir=str(out), ckpt_dir=str(out / "models"),  # in process
+               demo_num_patients=TINY_DEMO.num_patients, demo_slide_size=TINY_DEMO.size, encoder_weights="pretrain", pretrain_epochs=1,
+               pretrain_batch_size=8, pretrain_max_patches_per_slide=4, pretrain_scales_mpp=[1.0, 2.0], max_patches=16)
     weights = sorted((out / "pretrain").glob("*/encoder.pt"))
     assert len(weights) == 2
     from scripts.cache import tensor_dict_hash

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_DEMO, free_port
+from conftest import run_bundle, ROOT, TINY_DEMO, free_port
 from scripts.features.extraction import balanced_shard
 
 ENCODED = re.compile(r"encoded (\S+) \(")
@@ -63,8 +63,8 @@ def reference(tmp_path_factory):
     """A 6-slide demo cohort extracted by one process."""
     root = tmp_path_factory.mktemp("scale")
     data, cache = root / "demo", root / "ref" / "cache"
-    r = subprocess.run(_extract_cmd(data, cache), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bundle("train.yaml", "extract", dataset_dir=str(data), cache_dir=str(cache), output_dir=str(cache.parent / "out"),
+               demo_num_patients=6, demo_slide_size=TINY_DEMO.size)  # the same as _args, in this process
     feats = _features(cache)
     assert len(feats) == 6
     return data, feats
@@ -166,13 +166,13 @@ def test_ddp_simsiam_pretraining_two_ranks(reference, tmp_path):
     assert len(list((enc.parent / "logs").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer
 
 
-def test_planner_counts_patches_and_storage(reference, tmp_path):
+def test_planner_counts_patches_and_storage(reference, tmp_path, capsys):
     data, ref = reference
     out_csv = tmp_path / "plan.csv"
-    r = subprocess.run([sys.executable, "-m", "scripts.plan", "--manifest", str(data / "manifest.csv"), "--cache_dir", str(tmp_path / "c"),
-                        "--encoder_arch", "tiny", "--gpus", "2", "--patches_per_s", "10", "--csv", str(out_csv)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    from scripts.plan import main
+
+    assert main(["--manifest", str(data / "manifest.csv"), "--cache_dir", str(tmp_path / "c"), "--encoder_arch", "tiny", "--gpus", "2",
+                 "--patches_per_s", "10", "--csv", str(out_csv)]) == 0
     import csv
 
     rows = list(csv.DictReader(out_csv.open()))
@@ -181,16 +181,18 @@ def test_planner_counts_patches_and_storage(reference, tmp_path):
     assert counts == sorted(f.shape[0] for f in ref.values())  # what extraction really encoded
     n = sum(counts)
     assert int(sum(int(x["store_bytes"]) for x in rows)) == n * 3 * 128 * 2 + n * 16 + 6 * 4096
-    total = r.stdout.strip().splitlines()[-1]
+    total = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{n} patches per scale x 3 scales" in total
     assert f"about {n / 20 / 3600:.2f} h on 2 GPU(s) at 10 patches/s each (given)" in total
 
 
 def test_planner_names_a_missing_manifest(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "scripts.plan", "--manifest", str(tmp_path / "nope.csv")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert "nope.csv" in r.stderr and "error" in r.stderr.lower()
+    from scripts.errors import find_input_error
+    from scripts.plan import main
+
+    with pytest.raises(Exception) as err:  # printed as one line by scripts.excepthook
+        main(["--manifest", str(tmp_path / "nope.csv")])
+    assert "nope.csv" in str(find_input_error(err.value))
 
 
 def test_extraction_killed_mid_run_resumes_to_identical_features(reference, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from monai.bundle import ConfigParser
 
-from conftest import ROOT
+from conftest import ROOT, run_bundle
 from golden_outputs import GOLDEN, fingerprints
 from scripts.benchmarks.startup import LAUNCH, launch_report
 from scripts.errors import BundleInputError, find_input_error
@@ -473,7 +473,7 @@ def test_inference_refuses_other_encoders_before_encoding(tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_upgrade(trained, tmp_path):
+def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_upgrade(trained, tmp_path, caplog):
     """A model trained with other settings than the defaults: inference and export need no override, a
     conflicting one stops with one line; a weights-only copy (0.11 style) is upgraded to the same contract."""
     import torch
@@ -482,30 +482,21 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     from scripts.mil.contract import read_file
 
     shutil.copytree(trained / "out" / "cache", tmp_path / "cache")  # tiles and features; clusters are made again (k = 4)
-    data = ["--dataset_dir", str(trained / "demo"), "--cache_dir", str(tmp_path / "cache"), "--progress", "False"]
-    settings = ["--num_clusters", "4", "--mil_model", "csmil", "--seed", "3", "--bag_per_cluster", "4"]
-
-    def bundle(*args):
-        extra = [] if "configs/deploy.yaml" in args else data  # the export reads no slide
-        return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, "--ckpt_dir", str(tmp_path / "models"), *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-    r = bundle("training", "--config_file", "configs/train.yaml", "--output_dir", str(tmp_path / "train"), "--max_epochs", "1",
-               "--val_fraction", "0.5", *settings)
-    assert r.returncode == 0, r.stderr[-3000:]
+    data = dict(dataset_dir=str(trained / "demo"), cache_dir=str(tmp_path / "cache"), ckpt_dir=str(tmp_path / "models"))
+    settings = dict(num_clusters=4, mil_model="csmil", seed=3, bag_per_cluster=4)
+    run_bundle("train.yaml", output_dir=str(tmp_path / "train"), max_epochs=1, val_fraction=0.5, **settings, **data)
     trained_with = read_file(tmp_path / "models" / "model.pt")
     assert (trained_with["num_clusters"], trained_with["mil_model"], trained_with["seed"], trained_with["bag_per_cluster"]) == (4, "csmil", 3, 4)
-    r = bundle("inference", "--config_file", "configs/inference.yaml", "--output_dir", str(tmp_path / "pred"), "--num_bags", "5")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "settings from the checkpoint" in r.stdout + r.stderr and "num_clusters=4" in r.stdout + r.stderr
+    with caplog.at_level("INFO", logger="scripts.mil.trained"):
+        run_bundle("inference.yaml", output_dir=str(tmp_path / "pred"), num_bags=5, **data)  # no training setting given
+    assert "settings from the checkpoint" in caplog.text and "num_clusters=4" in caplog.text
     rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
     assert len(rows) == 4 and all(0 <= float(x["probability"]) <= 1 for x in rows)
-    from scripts.mil.trained import TrainedModel  # a contradicting override: one line (tested as a command in test_bad_inputs' table)
+    from scripts.mil.trained import TrainedModel  # a contradicting override: one line (as a command: test_bad_inputs' table)
 
     with pytest.raises(BundleInputError, match="num_clusters = 4 but this run has num_clusters = 8"):
         TrainedModel(tmp_path / "models" / "model.pt", {"num_clusters": 8})
-    r = bundle("export", "--config_file", "configs/deploy.yaml", "--deploy_dir", str(tmp_path / "deploy"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bundle("deploy.yaml", deploy_dir=str(tmp_path / "deploy"), ckpt_dir=str(tmp_path / "models"))  # the export reads no slide
     exported = DeployModels(tmp_path / "deploy").settings
     assert exported["num_clusters"] == 4 and exported["contract"]["mil_model"] == "csmil"
     # a 0.11-style checkpoint (weights only) gets the same contract from the training command's overrides
@@ -513,9 +504,9 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     old.parent.mkdir()
     torch.save(dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True)), old)
     assert read_file(old) is None
-    up = subprocess.run([sys.executable, "-m", "scripts.mil.upgrade_checkpoint", str(old), "--output_dir", str(tmp_path / "train"), *settings],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr[-3000:]
+    from scripts.mil.upgrade_checkpoint import main as upgrade_main
+
+    assert upgrade_main([str(old), "--output_dir", str(tmp_path / "train"), *[x for k, v in settings.items() for x in (f"--{k}", str(v))]]) == 0
     upgraded = read_file(old)
     assert upgraded.pop("upgraded_from") == "model.pt" and upgraded == trained_with
     assert (old.parent / "model.pt.orig").is_file()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_bundle
 from scripts.deploy.export import encoder_dirs, export_model_repository, load_settings
 from scripts.deploy.runtime import DeployModels
 from scripts.errors import BundleInputError
@@ -148,9 +148,7 @@ def test_deploy_app_on_the_real_svs_matches_bundle_inference(trained, deploy_rep
     r = run("deploy", "-i", str(cmu_svs), "-o", str(app_out), "-m", str(repo), "-w", str(tmp_path / "work"))
     assert r.returncode == 0, r.stderr[-3000:]
     ref_out = tmp_path / "ref"
-    r = run("-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml", "--input", str(cmu_svs),
-            "--output_dir", str(ref_out), "--ckpt_dir", str(models), "--dataset_dir", str(trained / "demo"), "--progress", "False")
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bundle("inference.yaml", input=str(cmu_svs), output_dir=str(ref_out), ckpt_dir=str(models))  # the bundle's own inference
     app_rows = list(csv.DictReader(open(app_out / "predictions.csv")))
     ref_rows = list(csv.DictReader(open(ref_out / "predictions.csv")))
     assert [r["slide_id"] for r in app_rows] == ["CMU-1-Small-Region"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DEMO, default_network, free_port
+from conftest import run_bundle, ROOT, TINY_DEMO, default_network, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,8 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
     common = ["--dataset_dir", str(data), "--output_dir", str(out), "--demo_num_patients", str(TINY_DEMO.num_patients),
               "--demo_slide_size", str(TINY_DEMO.size), "--progress", "False"]
     # earlier stages once, in one process (ranks would otherwise race to build the same caches)
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "cluster", "--config_file", "configs/train.yaml", *common],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_bundle("train.yaml", "cluster", dataset_dir=str(data), output_dir=str(out), demo_num_patients=TINY_DEMO.num_patients,
+               demo_slide_size=TINY_DEMO.size)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
     r = subprocess.run([*torchrun, "-m", "monai.bundle", "run", "training", "--config_file",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_bundle, ROOT
 from scripts.errors import BundleInputError
 from scripts.features.encoder_files import encoder_spec, preprocessing_file
 from scripts.features.encoders import build_backbone, build_scale_encoders, encoder_signature, feature_dim
@@ -183,24 +183,15 @@ def test_training_with_an_exported_vit_end_to_end(vit, tiny_demo, tmp_path):
     Deploy export -> the Deploy app, which gives the bundle's probability."""
     from scripts.deploy.runtime import DeployModels
 
-    common = ["--ckpt_dir", str(tmp_path / "models")]
-    data = ["--dataset_dir", str(tiny_demo.parent), "--output_dir", str(tmp_path / "out"), "--progress", "False"]
-
-    def bundle(*args):
-        extra = data if "configs/deploy.yaml" not in args else []  # the export reads no slide: it has no data ids
-        r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, *common, *extra], cwd=ROOT, capture_output=True, text=True,
-                           timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r
-
-    bundle("training", "--config_file", "configs/train.yaml", "--max_epochs", "2", "--val_fraction", "0.5", "--encoder_arch", str(vit["ts"]))
+    data = dict(dataset_dir=str(tiny_demo.parent), output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"))
+    run_bundle("train.yaml", max_epochs=2, val_fraction=0.5, encoder_arch=str(vit["ts"]), **data)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["input_mean"].shape == (48,)  # the ViT's feature size reached the MIL model
-    bundle("inference", "--config_file", "configs/inference.yaml", "--input", str(tiny_demo.parent / "slides" / "demo-p001-s0.tif"),
-           "--num_bags", "5")  # encoder_arch comes from the checkpoint
+    run_bundle("inference.yaml", input=str(tiny_demo.parent / "slides" / "demo-p001-s0.tif"), num_bags=5,
+               **data)  # encoder_arch comes from the checkpoint
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
     assert len(rows) == 1 and (tmp_path / "out" / "demo-p001-s0" / "attention_5x.png").is_file()
-    bundle("export", "--config_file", "configs/deploy.yaml", "--deploy_dir", str(tmp_path / "deploy"), "--num_bags", "5")
+    run_bundle("deploy.yaml", deploy_dir=str(tmp_path / "deploy"), num_bags=5, ckpt_dir=str(tmp_path / "models"))
     models = DeployModels(tmp_path / "deploy")
     assert models.settings["contract"]["encoders"][0]["input"]["input_size"] == 224
     enc = models.encoders[0]

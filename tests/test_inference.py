@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import openslide
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import run_bundle
 from scripts.inference.outputs import localisation_auroc
 from scripts.inference.predict import full_bag
 from scripts.maps.export import colormap, normalise_per_scale, rasterise, write_geojson
 
 SCALES = ["20x", "10x", "5x"]
-
-
-def bundle(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def test_normalisation_puts_each_scale_min_at_0_and_max_at_1():
@@ -65,9 +59,7 @@ def test_geojson_is_a_qupath_feature_collection(tmp_path):
 @pytest.mark.slow
 def test_inference_on_real_svs(trained, cmu_svs, tmp_path):
     out = tmp_path / "pred"
-    r = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--input", str(cmu_svs),
-               "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--num_bags", "20", "--progress", "False")
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bundle("inference.yaml", "inference", input=str(cmu_svs), output_dir=str(out), ckpt_dir=str(trained / "models"), num_bags=20)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 1 and rows[0]["slide_id"] == "CMU-1-Small-Region"
     assert 0.0 <= float(rows[0]["probability"]) <= 1.0 and rows[0]["label"] in ("0", "1")
@@ -93,9 +85,7 @@ def test_inference_on_real_svs(trained, cmu_svs, tmp_path):
 @pytest.mark.slow
 def test_inference_reports_localisation_on_demo(trained, tmp_path):
     out = tmp_path / "pred"
-    r = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--input", str(trained / "demo"),
-               "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--num_bags", "10", "--progress", "False")
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bundle("inference.yaml", input=str(trained / "demo"), output_dir=str(out), ckpt_dir=str(trained / "models"), num_bags=10)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     positives = [r for r in rows if r["true_label"] == "1"]
     assert len(rows) == 4 and len(positives) == 2
