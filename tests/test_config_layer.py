@@ -550,3 +550,23 @@ def test_a_relabelled_manifest_changes_trainings_labels_without_new_extraction(t
     with pytest.raises(Exception) as err:  # was silently trained on the cached labels before 0.15
         one_class.get_parsed_content("split")
     assert "both classes" in str(find_input_error(err.value))
+
+
+def test_a_nested_override_of_the_preprocessing_reaches_inference_and_the_export(tmp_path):
+    """The checkpoint records the preprocessing's own arguments, so `--preprocessing#read_cell_um 512` given to
+    training is what inference and the Deploy export build (0.14 re-read the raw YAML and missed it)."""
+    import torch
+
+    from scripts.features.extraction import transform_signature
+    from scripts.mil import contract
+    from scripts.mil.baselines import build_model
+    from scripts.mil.trained import TrainedModel
+
+    p = pipeline_parser({"preprocessing#read_cell_um": 512.0, "preprocessing#mean": [0.5, 0.5, 0.5]})
+    trained_chain = transform_signature(p.get_parsed_content("preprocessing"))
+    assert trained_chain != transform_signature(pipeline_parser().get_parsed_content("preprocessing"))
+    torch.save(contract.attach(build_model("dsmil", in_features=128), p.get_parsed_content("model_contract")).state_dict(),
+               tmp_path / "model.pt")
+    t = TrainedModel(tmp_path / "model.pt")
+    assert transform_signature(t.preprocessing()) == trained_chain
+    assert t.deploy_settings()["preprocessing"]["read_cell_um"] == 512.0 and t.deploy_settings()["preprocessing_signature"] == trained_chain

@@ -30,6 +30,8 @@ SETTINGS = ("mil_model", "scales_mpp", "patch_size", "num_clusters", "cluster_sc
 #: further ids recorded and taken by inference / export, but free to override (their effect is checked elsewhere:
 #: encoders and preprocessing by hash, the rest only changes how bags are drawn)
 TAKEN = ("seed", "encoder_weights", "encoder_weights_prefix", "normalize_mean", "normalize_std", "bag_per_cluster", "bag_replacement")
+#: arguments of :func:`scripts.features.preprocessing.patch_preprocessing` recorded as training gave them
+PREPROCESSING_ARGS = ("scales_mpp", "patch_size", "backend", "read_cell_um", "mean", "std")
 #: configs/train.yaml's values of those ids (a checkpoint of 0.11 or earlier carries none; the Model Zoo's tools
 #: build ``network_def`` from them before any model is trained); a test fails when the two drift
 DEFAULTS: dict[str, Any] = {
@@ -73,7 +75,9 @@ def config_contract() -> dict:
 
     parser = current_parser()
     values = {k: parser.get_parsed_content(k) for k in SETTINGS + TAKEN}
-    return make_contract(**values, tiling=parser.get_parsed_content("tiling").to_dict())
+    # the patch preprocessing's own arguments (a nested override such as --preprocessing#read_cell_um reaches them)
+    preprocessing = {k: parser.get_parsed_content(f"preprocessing#{k}") for k in PREPROCESSING_ARGS if f"preprocessing#{k}" in parser}
+    return make_contract(**values, tiling=parser.get_parsed_content("tiling").to_dict(), preprocessing_args=preprocessing)
 
 
 def make_contract(**settings: Any) -> dict:

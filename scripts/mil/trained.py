@@ -108,13 +108,26 @@ class TrainedModel:
             recorded["backend"] = backend
         return TilingParams(**recorded)
 
+    def preprocessing_args(self, backend: str | None = None) -> dict:
+        """The arguments of :func:`scripts.features.preprocessing.patch_preprocessing` training used (recorded since
+        0.15.0; else derived from the settings and tiling), read with ``backend`` when given."""
+        tiling = self.tiling(backend)
+        args = dict(scales_mpp=list(self.scales_mpp), patch_size=int(self.patch_size), backend=tiling.backend,
+                    read_cell_um=tiling.read_cell_um, mean=list(self.normalize_mean), std=list(self.normalize_std))
+        recorded = dict((self.contract or {}).get("preprocessing_args") or {})
+        args.update({k: v for k, v in recorded.items() if k not in ("scales_mpp", "patch_size")})
+        if backend:
+            args["backend"] = backend
+        for key, setting in (("mean", "normalize_mean"), ("std", "normalize_std")):
+            if setting in self.overrides:  # a free setting given on the command line wins
+                args[key] = list(self.overrides[setting])
+        return args
+
     def preprocessing(self, backend: str | None = None):
         """The patch preprocessing of training (:func:`scripts.features.preprocessing.patch_preprocessing`)."""
         from scripts.features.preprocessing import patch_preprocessing
 
-        tiling = self.tiling(backend)
-        return patch_preprocessing(self.scales_mpp, self.patch_size, tiling.backend, tiling.read_cell_um, self.normalize_mean,
-                                   self.normalize_std)
+        return patch_preprocessing(**self.preprocessing_args(backend))
 
     def deploy_settings(self, backend: str | None = None, **runtime: Any) -> dict:
         """What the MONAI Deploy app needs besides the weights (scales, tiling, the preprocessing as a config section,
@@ -123,8 +136,7 @@ class TrainedModel:
         from scripts.features.preprocessing import preprocessing_section, scale_keys
 
         tiling = self.tiling(backend)
-        values = dict(scales_mpp=list(self.scales_mpp), patch_size=int(self.patch_size), backend=tiling.backend,
-                      read_cell_um=tiling.read_cell_um, mean=list(self.normalize_mean), std=list(self.normalize_std))
+        values = self.preprocessing_args(backend)
         return {
             "scales_mpp": list(self.scales_mpp), "patch_size": int(self.patch_size), "scale_keys": scale_keys(self.scales_mpp),
             "tiling": tiling.to_dict(), "encoder_arch": self.encoder_arch, "preprocessing": preprocessing_section(**values),
