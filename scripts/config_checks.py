@@ -85,6 +85,7 @@ RULES: dict[str, Rule] = {
     "cluster_scale_mpp": _pos("scale whose features are clustered (one of scales_mpp)"),
     "bag_per_cluster": _int("bag slots per cluster"),
     "bag_replacement": Rule("bool", "draw bag slots with replacement"),
+    "mil_model": Rule("model", "the MIL model trained (scripts/mil/baselines.py MODELS)"),
     # training
     "val_fraction": Rule("fraction", "validation share of the patients", 0.0, 1.0, open_low=True),
     "bags_per_slide": _int("training bags per slide per epoch"),
@@ -101,6 +102,8 @@ RULES: dict[str, Rule] = {
     "heatmap_mpp": _pos("resolution of the TIFF heatmaps"),
     "overlay_mpp": _pos("resolution of the PNG overlays"),
     # evaluate
+    "eval_models": Rule("model_list", "models of the protocol (a bare name is a one-element list)"),
+    "ablation_models": Rule("model_list", "models that get the ablation variants"),
     "eval_num_splits": _int("patient-level splits of the protocol", 2),
     "eval_val_fraction": Rule("fraction", "validation share of each split's training patients", 0.0, 1.0, open_low=True),
     "eval_test_bags": _int("random bags per test slide"),
@@ -166,6 +169,17 @@ def _writable_dir(key: str, value: Any) -> None:
                                f"pass --{key} with a folder you can write to") from None
 
 
+def _model(key: str, name: Any) -> None:
+    import difflib
+
+    from scripts.mil.baselines import MODELS
+
+    if name not in MODELS:
+        close = difflib.get_close_matches(str(name), list(MODELS), n=1, cutoff=0.6)
+        raise BundleInputError(f"--{key}", f"{name!r} is not a model of the bundle" + (f" (did you mean '{close[0]}'?)" if close else ""),
+                               f"pass one of {', '.join(sorted(MODELS))}")
+
+
 def _device(value: Any) -> None:
     import torch
 
@@ -222,6 +236,9 @@ def check_value(key: str, value: Any) -> None:
         _mpp_list(key, value)
     elif rule.kind == "device":
         _device(value)
+    elif rule.kind in ("model", "model_list"):
+        for name in ([value] if rule.kind == "model" or isinstance(value, str) else list(value or [])):
+            _model(key, name)
     elif rule.kind == "path":
         if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
             raise _fail(key, value, "a folder path")
@@ -259,6 +276,7 @@ def rules_table() -> str:
             allowed = " \\| ".join(map(str, r.choices))
         else:
             allowed = {"bool": "True / False (also true/false, yes/no, 1/0)", "mpp": "number in [0.05, 20]", "mpp_list": "ascending list in [0.05, 50]",
-                       "path": "folder", "device": "cpu, cuda, cuda:N (present)"}[r.kind]
+                       "path": "folder", "device": "cpu, cuda, cuda:N (present)", "model": "a name of MODELS",
+                       "model_list": "a list of names of MODELS (or one name)"}[r.kind]
         rows.append(f"| `{key}` | {allowed}{' or null' if r.null else ''} | {r.doc} |")
     return "\n".join(rows)

@@ -222,6 +222,10 @@ def case_config_not_a_number(tmp):
     _validate(mpp="abc")
 
 
+def case_config_unknown_model(tmp):
+    _validate(mil_model="csmill")
+
+
 def case_config_not_a_boolean(tmp):
     _validate(progress="maybe")
 
@@ -452,6 +456,7 @@ CASES = {
     "config_out_of_range": (case_config_out_of_range, "an integer in [32, 4096]"),
     "config_not_a_number": (case_config_not_a_number, "as a number"),
     "config_not_a_boolean": (case_config_not_a_boolean, "True or False"),
+    "config_unknown_model": (case_config_unknown_model, "is not a model of the bundle (did you mean 'csmil'?)"),
     "config_scales_not_ascending": (case_config_scales_not_ascending, "ascending"),
     "config_cluster_scale_not_a_scale": (case_config_cluster_scale_not_a_scale, "is not one of scales_mpp"),
     "config_backend_not_installed": (case_config_backend_not_installed, "cannot be imported"),

@@ -264,7 +264,7 @@ def test_every_tunable_has_a_rule_and_is_checked():
     exempt = {"bundle_root", "input", "label_map", "imports", "eval_models", "ablation_models", "ablation_values", "ablation_id",
               "eval_test_manifest", "mil_model", "encoder_arch", "encoder_weights_prefix", "normalize_mean", "normalize_std",
               "demo_options", "train_overrides", "encoder_weights", "training", "pretrain_init_weights", "pretrain_init_prefix",
-              "initialize", "scales_mpp"}
+              "initialize", "scales_mpp", "eval_reference"}
     for cfg in (PIPELINE_CONFIG, EVALUATE_CONFIG, INFERENCE_CONFIG, DEPLOY_CONFIG):
         raw = _raw(cfg)
         tunables = {k for k, v in raw.items() if (isinstance(v, (int, float, str, type(None))) or
@@ -570,3 +570,17 @@ def test_a_nested_override_of_the_preprocessing_reaches_inference_and_the_export
     t = TrainedModel(tmp_path / "model.pt")
     assert transform_signature(t.preprocessing()) == trained_chain
     assert t.deploy_settings()["preprocessing"]["read_cell_um"] == 512.0 and t.deploy_settings()["preprocessing_signature"] == trained_chain
+
+
+def test_model_names_are_checked_and_a_bare_name_is_a_list(tmp_path):
+    """`--mil_model csmill` stops with one line naming the closest model; `--eval_models csmil` (no brackets) is the
+    one-element list ['csmil'], not the letters ['c', 's', 'm', 'i', 'l']."""
+    p = _parser([PIPELINE_CONFIG, EVALUATE_CONFIG], {"output_dir": str(tmp_path / "out"), "eval_models": "csmil", "ablation_models": "dsmil"})
+    assert _initialize(p) is True
+    assert p.get_parsed_content("eval_models") == ["csmil"] and p.get_parsed_content("ablation_models") == ["dsmil"]
+    for key, value in (("mil_model", "csmill"), ("eval_models", ["dsmil", "nosuchmodel"])):
+        p = _parser([PIPELINE_CONFIG, EVALUATE_CONFIG], {"output_dir": str(tmp_path / "out"), key: value})
+        with pytest.raises(Exception) as err:
+            _initialize(p)
+        found = find_input_error(err.value)
+        assert found.path == f"--{key}" and "is not a model of the bundle" in found.reason and "dsmil" in found.fix

@@ -44,7 +44,10 @@ def evaluate(
     models = [models] if isinstance(models, str) else list(models)
     variants = make_variants(models, ablation_id, ablation_values, ablation_models)
     if reference not in [v.name for v in variants]:
-        raise ValueError(f"reference model {reference!r} is not among the evaluated models {[v.name for v in variants]}")
+        from scripts.errors import BundleInputError
+
+        raise BundleInputError("--eval_reference", f"{reference!r} is not among the evaluated models {[v.name for v in variants]}",
+                               "pass one of them, or add it to --eval_models")
     result = run_protocol(
         config, entries, variants, Path(output_dir) / "evaluation", num_splits, val_fraction, seed, test_entries,
         manifest_test_flags(entries), test_bags, device, progress, verbose, workers,

@@ -133,14 +133,16 @@ def _closest(word: str, choices: Sequence[str]) -> str:
 
 
 def normalise_and_validate(parser: ConfigParser) -> None:
-    """Read the yes/no ids as booleans (in the parser, so every consumer sees ``True``/``False``) and check every
-    id of :data:`scripts.config_checks.RULES` the config holds, then the relations between them."""
+    """Read the yes/no ids as booleans and a bare model name given to a list id as a one-element list (in the
+    parser, so every consumer sees them so) and check every id of :data:`scripts.config_checks.RULES` the config
+    holds, then the relations between them."""
     from scripts.config_checks import RULES, validate
     from scripts.config_values import as_bool
 
     values = {key: parser.get_parsed_content(key) for key in RULES if key in parser}
     validate(values)  # one line naming the id and the fix for the first bad value
     switches = {k: as_bool(v) for k, v in values.items() if RULES[k].kind == "bool" and not isinstance(v, bool)}
+    switches.update({k: [v] for k, v in values.items() if RULES[k].kind == "model_list" and isinstance(v, str)})  # --eval_models csmil
     for key, value in switches.items():
         parser[key] = value
 
