@@ -31,18 +31,12 @@ def pipeline_entries(records: Sequence[SlideRecord], prepare: Callable, extract:
 
 def cohort_records(
     manifest: str | Path, label_map: Mapping[str, int] | None = None, demo: DemoParams | None = None, progress: bool = True,
-    input: str | Path | None = None, mpp: float | None = None,
+    mpp: float | None = None,
 ) -> list[SlideRecord]:
-    """The slides a stage works on.
-
-    ``input`` (a slide, a folder of slides or a manifest; labels optional) replaces the cohort manifest when
-    given. Otherwise the manifest is read, after building the demo cohort there when ``demo`` is given and the
-    manifest is missing. ``mpp`` fills in the level-0 resolution of slides that have none.
+    """The slides of the cohort manifest (training and the protocol; inference reads its ``--input`` with
+    :func:`scripts.inference.inputs.input_records`), after building the demo cohort there when ``demo`` is given
+    and the manifest is missing. ``mpp`` fills in the level-0 resolution of slides that have none.
     """
-    from scripts.inference.inputs import input_records
-
-    if input is not None:
-        return input_records(input, mpp, label_map)
     manifest = Path(manifest)
     if demo is not None and not manifest.is_file():
         logger.info("no manifest at %s: generating the demo cohort there", manifest)
