@@ -141,18 +141,18 @@ def normalise_and_validate(parser: ConfigParser) -> None:
 
     values = {key: parser.get_parsed_content(key) for key in RULES if key in parser}
     validate(values)  # one line naming the id and the fix for the first bad value
-    switches = {k: as_bool(v) for k, v in values.items() if RULES[k].kind == "bool" and not isinstance(v, bool)}
-    switches.update({k: [v] for k, v in values.items() if RULES[k].kind == "model_list" and isinstance(v, str)})  # --eval_models csmil
-    for key, value in switches.items():
+    normalised = {k: as_bool(v) for k, v in values.items() if RULES[k].kind == "bool" and not isinstance(v, bool)}
+    normalised.update({k: [v] for k, v in values.items() if RULES[k].kind == "model_list" and isinstance(v, str)})  # --eval_models csmil
+    for key, value in normalised.items():
         parser[key] = value
 
 
 def trained_ids() -> tuple[str, ...]:
-    """The settings a trained model carries (:mod:`scripts.mil.contract`): inference and export take them from the
-    checkpoint; on their command lines they are checked against it, not added."""
-    from scripts.mil.contract import SETTINGS, TAKEN
+    """The settings a trained model carries (:data:`scripts.mil.contract.DEFAULTS`): inference and export take them
+    from the checkpoint; on their command lines they are checked against it, not added."""
+    from scripts.mil.contract import DEFAULTS
 
-    return tuple(k for k in SETTINGS + TAKEN if k != "in_features")
+    return tuple(DEFAULTS)
 
 
 def given_trained_settings() -> dict[str, Any]:
