@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from scripts.errors import writing
+
 _TMP_PREFIX = ".tmp-"
 
 
@@ -66,18 +68,41 @@ def tensor_dict_hash(state: dict[str, Any], length: int = 16) -> str:
 
 
 @contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; rename it to ``final`` only if the block succeeds."""
+def atomic_dir(final: str | os.PathLike, what: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; rename it to ``final`` only if the block succeeds. A full disk
+    is one :class:`scripts.errors.DiskFullError` naming the folder and ``what`` (default: the entry's name)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        yield tmp
+        with writing(final.parent, what or f"'{final.name}'"):
+            tmp.mkdir()
+            yield tmp
         if final.exists():  # another process finished the same entry first: keep theirs
             shutil.rmtree(tmp)
         else:
             os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def replacing_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; when the block succeeds it replaces ``final`` (an older
+    ``final`` is moved aside and deleted), so ``final`` is always either the old complete folder or the new one.
+    Unlike :func:`atomic_dir` (cache entries: the first writer wins), the new content wins (outputs of a rerun)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        yield tmp
+        old = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,7 +114,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb") as f:
+        with writing(path.parent, f"'{path.name}'"), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

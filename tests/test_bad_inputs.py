@@ -177,10 +177,10 @@ def case_features_with_nan(tmp):
 def case_training_loss_nan(tmp):
     from ignite.engine import Engine
 
-    from scripts.workflows.handlers import NonFiniteLossGuard
+    from scripts.workflows.handlers import LossGuard
 
     engine = Engine(lambda e, b: {"loss": float("nan")})
-    NonFiniteLossGuard().attach(engine)
+    LossGuard().attach(engine)
     engine.run([0], max_epochs=1)
 
 

@@ -1,7 +1,8 @@
 """Manifest CSV: ``slide_id, patient_id, path, label`` (+ optional ``mpp``, ``split``).
 
 Manifests are data: they are parsed, validated and never evaluated. ``path`` is absolute or relative to
-the manifest's folder; ``label`` is 0/1 or a class name mapped through ``label_map``.
+the manifest's folder; ``label`` is 0/1 or a class name mapped through ``label_map``. Ids are data, never paths
+(:mod:`scripts.data.ids`). Encodings: UTF-8 with or without BOM, UTF-16 with BOM, else Windows-1252 with a warning.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import Mapping
 
 from scripts.cache import atomic_write_bytes
+from scripts.data.ids import folder_name
 from scripts.errors import BundleInputError
 
 logger = logging.getLogger(__name__)
 
+#: sane range of level-0 resolutions (µm per px); outside it the metadata is wrong or the file is no slide
+MPP_RANGE = (0.05, 20.0)
 REQUIRED = ("slide_id", "patient_id", "path", "label")
 
 
@@ -49,16 +53,18 @@ def read_manifest(
     With ``require_labels=False`` (inference) the ``label`` column may be absent or empty (label -1).
     """
     manifest = Path(manifest)
+    if manifest.is_dir():
+        raise BundleInputError(manifest, "is a folder, not a manifest file",
+                               "pass the folder as --dataset_dir (it must hold manifest.csv), or pass the CSV file itself as --manifest")
     if not manifest.is_file():
         raise BundleInputError(manifest, "manifest not found", "pass --dataset_dir pointing at a folder with manifest.csv, or --manifest")
     label_map = {str(k): int(v) for k, v in (label_map or {"0": 0, "1": 1}).items()}
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED if c not in header and (require_labels or c != "label")]
-        if missing:
-            raise BundleInputError(manifest, f"missing column(s) {missing} (found {header})", f"the header must contain {list(REQUIRED)}")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    reader = csv.DictReader(io.StringIO(manifest_text(manifest), newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED if c not in header and (require_labels or c != "label")]
+    if missing:
+        raise BundleInputError(manifest, f"missing column(s) {missing} (found {header})", f"the header must contain {list(REQUIRED)}")
+    rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     if not rows:
         raise BundleInputError(manifest, "manifest has no rows", "add one row per slide")
     records, seen, files = [], {}, {}
@@ -71,6 +77,10 @@ def read_manifest(
             raise BundleInputError(where, f"empty patient_id for slide '{sid}'", "give every slide its patient's id (splits are by patient)")
         if sid in seen:
             raise BundleInputError(where, f"duplicate slide_id '{sid}' (first at row {seen[sid]})", "make slide ids unique")
+        clash = next((j for other, j in seen.items() if folder_name(other).casefold() == folder_name(sid).casefold()), None)
+        if clash is not None:
+            raise BundleInputError(where, f"slide_id '{sid}' differs from row {clash}'s only in letter case: both would share a folder on "
+                                   "case-insensitive file systems (macOS, Windows)", "make slide ids differ by more than case")
         seen[sid] = i
         if not require_labels and not row.get("label"):
             label = -1
@@ -81,6 +91,9 @@ def read_manifest(
         path = Path(row["path"])
         if not path.is_absolute():
             path = manifest.parent / path
+        if check_paths and path.is_dir():
+            raise BundleInputError(where, f"slide path '{path}' is a folder, not a slide file",
+                                   "give the slide file's path (for MIRAX, the .mrxs file beside its folder)")
         if check_paths and not path.is_file():
             raise BundleInputError(where, f"slide file '{path}' does not exist", "fix the path (relative paths are resolved against the manifest's folder)")
         key = str(path.resolve()) if path.exists() else str(path)
@@ -100,6 +113,9 @@ def read_manifest(
                 mpp = float(row["mpp"])
             except ValueError:
                 raise BundleInputError(where, f"mpp '{row['mpp']}' is not a number", "write microns per pixel as a number, e.g. 0.25") from None
+            if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+                raise BundleInputError(where, f"mpp {row['mpp']} for slide '{sid}' is outside the plausible range {MPP_RANGE} µm per px",
+                                       "write the slide's level-0 µm per px, e.g. 0.25 (40x) or 0.5 (20x), or leave it empty to use the slide's metadata")
         records.append(SlideRecord(sid, pid, str(path), label, mpp, split))
     labels_by_patient: dict[str, set[int]] = {}
     for r in records:
@@ -109,6 +125,26 @@ def read_manifest(
         # allowed (a patient may have lesional and normal biopsies), but worth knowing
         logger.warning("%s: patients with slides of both labels: %s", manifest, mixed[:5])
     return records
+
+
+def manifest_text(manifest: Path) -> str:
+    """The manifest's text: UTF-8 (with or without BOM) or UTF-16 with a BOM; any other bytes are read as
+    Windows-1252 (what Excel saves as "CSV" on Western Windows; Latin-1 where cp1252 has no character) with a
+    warning naming the file, since both decode every byte and ids read that way are what the user typed."""
+    data = manifest.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        try:
+            text, encoding = data.decode("cp1252"), "Windows-1252"
+        except UnicodeDecodeError:
+            text, encoding = data.decode("latin-1"), "Latin-1"
+        line = data[: err.start].count(b"\n") + 1
+        logger.warning("%s: not UTF-8 (byte 0x%02x on line %d): read as %s. Save it as 'CSV UTF-8' to silence this",
+                       manifest, data[err.start], line, encoding)
+        return text
 
 
 def write_manifest(path: str | Path, records: list[SlideRecord]) -> None:

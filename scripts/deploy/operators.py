@@ -22,7 +22,7 @@ from scripts.deploy.runtime import DeployModels
 from scripts.features.clustering import cluster_cohort
 from scripts.features.extraction import extract_cohort
 from scripts.inference.inputs import input_records
-from scripts.inference.outputs import write_cohort_outputs, write_slide_outputs
+from scripts.inference.outputs import add_slide_outputs, write_cohort_outputs
 from scripts.inference.workflow import SlideInferer
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tiling import prepare_slide
@@ -126,8 +126,10 @@ class AttentionMapWriterOperator(Operator):
 
     def write(self, predictions: Sequence[tuple]) -> list[dict]:
         s = self.models.settings
-        rows = [write_slide_outputs(entry, pred, self.output_dir, s["scales_mpp"], threshold=s["threshold"], masks=None,
-                                    heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"]) for entry, pred in predictions]
+        rows: list[dict] = []
+        for entry, pred in predictions:
+            add_slide_outputs(rows, entry, pred, self.output_dir, s["scales_mpp"], threshold=s["threshold"], masks=None,
+                              heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"])
         write_cohort_outputs(rows, self.output_dir, s["scales_mpp"])
         for r in rows:
             logger.info("%s: probability %.4f -> label %d", r["slide_id"], r["probability"], r["label"])

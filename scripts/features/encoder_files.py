@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.cache import file_sha256
-from scripts.errors import BundleInputError
+from scripts.errors import BundleInputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def load_module(path: str | Path) -> torch.nn.Module:
             raise BundleInputError(p, "cannot be loaded as an exported encoder: it holds a state dict (weights only, no network)",
                                    "export the network with torch.jit.save or torch.export.save (docs/encoders.md), or pass the "
                                    "weights as --encoder_weights with a built-in --encoder_arch") from None
-        raise BundleInputError(p, f"cannot be loaded as an exported encoder ({type(err).__name__}: {str(err).splitlines()[0][:80]})",
+        raise BundleInputError(p, f"cannot be loaded as an exported encoder ({type(err).__name__}: {first_line(err, 80)})",
                                "export it with torch.jit.save (TorchScript) or torch.export.save (.pt2): docs/encoders.md") from None
     return module.eval()
 

@@ -29,9 +29,10 @@ import torch
 from tqdm import tqdm
 
 from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
+from scripts.data.ids import folder_name
 from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
-from scripts.errors import BundleInputError, find_input_error
+from scripts.errors import BundleInputError, DiskFullError, find_input_error
 from scripts.features.device_preprocessing import attach, split_transform
 from scripts.features.encoders import encoder_signature
 from scripts.features.patch_loader import CellDealtPatches, loader_slide, patch_loader
@@ -92,7 +93,7 @@ def entry_name(slide_id: str, tiles_dir: Path, encoders_sig: list[dict], preproc
         "encoders": encoders_sig,
         "preprocessing": preprocessing,
     }
-    return f"{slide_id}-{stable_hash(provenance)}", provenance
+    return f"{folder_name(slide_id)}-{stable_hash(provenance)}", provenance  # ids are data, not paths
 
 
 def extract_cohort(
@@ -212,7 +213,7 @@ def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], on_error: s
 def _failed_job(exc: BaseException, jobs: list):
     """The job whose slide an input error in ``exc``'s chain names, or None."""
     found = find_input_error(exc)
-    if found is None:
+    if found is None or isinstance(found, DiskFullError):  # a full disk is no fault of the slide
         return None
     for j in jobs:
         if Path(found.path).resolve() == Path(j[0].path).resolve():
@@ -292,7 +293,7 @@ def _write_entry(job, features: np.ndarray) -> None:
         "tiles_dir": str(tdir),
         "packages": _versions(),
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, f"the feature store entry of slide '{rec.slide_id}'") as tmp:
         np.save(tmp / "features.npy", features)
         np.save(tmp / "coords.npy", np.load(tdir / "coords.npy"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -28,6 +28,7 @@ from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
 from scripts.errors import BundleInputError
 from scripts.features.encoders import build_backbone, check_state_matches, feature_dim, load_state
+from scripts.workflows.handlers import OneLineErrors
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def _pretrain_one_scale(
     ckpt = Checkpoint(to_save, DiskSaver(str(out_dir / "checkpoints"), require_empty=False, atomic=True), n_saved=1,
                       filename_prefix="resume")
     trainer.add_event_handler(Events.EPOCH_COMPLETED, ckpt)
+    OneLineErrors(out_dir / "checkpoints", "the SimSiam resume checkpoint").attach(trainer)  # a full disk: one line
     existing = sorted((out_dir / "checkpoints").glob("resume_*.pt")) if (out_dir / "checkpoints").is_dir() else []
     if existing:
         state = torch.load(existing[-1], map_location=device, weights_only=True)

@@ -1,6 +1,6 @@
 """Per-slide feature store: one directory per slide, reused by every stage and command.
 
-Each directory is named ``<slide_id>-<hash of provenance>``::
+Each directory is named ``<folder name of the slide id>-<hash of provenance>`` (:mod:`scripts.data.ids`)::
 
     features.npy   float16 [N, S, D], read memory-mapped
     coords.npy     int64 [N, 2] level-0 patch centres (x, y)

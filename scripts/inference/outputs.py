@@ -8,13 +8,16 @@ import csv
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from scripts.cache import atomic_write_bytes, atomic_write_json
+from scripts.cache import atomic_write_bytes, atomic_write_json, replacing_dir
+from scripts.data.ids import folder_name
+from scripts.errors import writing
 from scripts.features.store import FeatureEntry
 from scripts.inference.predict import SlidePrediction, scale_name
 from scripts.maps import export
@@ -38,7 +41,7 @@ def localisation_auroc(coords: np.ndarray, attention: np.ndarray, mask: np.ndarr
 
 def entry_localisation(entry: FeatureEntry, attention: np.ndarray, masks: Path | None, lesion_mask_mpp: float = 8.0) -> list[float | None] | None:
     """Per-scale localisation AUROC of ``attention`` [N, S] against ``masks/<slide_id>.png`` (None without a mask)."""
-    mask_file = masks / f"{entry.slide_id}.png" if masks else None
+    mask_file = masks / f"{folder_name(entry.slide_id)}.png" if masks else None
     if mask_file is None or not mask_file.is_file():
         return None
     slide_mpp = float(json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())["mpp"])
@@ -65,43 +68,60 @@ def write_slide_outputs(
     norm = export.normalise_per_scale(pred.attention)
     patch_size = int(tiles_meta["tiling"]["patch_size"])  # as the slide was tiled (the config's patch_size)
     footprint = patch_size * min(scales_mpp) / slide_mpp  # the finest scale's patch square, level-0 px
-    sdir = out / entry.slide_id
-    sdir.mkdir(parents=True, exist_ok=True)
-    with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp, mpp_force=True) as slide:
-        thumb = slide.thumbnail(overlay_mpp)
-    thumb_scale = slide.size[1] / thumb.shape[1]
-    heats = [export.rasterise(coords, norm[:, s], footprint, thumb.shape[:2], thumb_scale) for s in range(len(names))]
-    for name, heat in zip(names, heats):
-        export.save_png(sdir / f"attention_{name}.png", export.overlay(thumb, heat))
-    export.save_png(sdir / "attention_scales.png", export.scale_composite(thumb, heats))
-    measurements = {f"attention {n}": norm[:, s] for s, n in enumerate(names)}
-    measurements.update({f"scale weight {n}": pred.scale_weights[:, s] for s, n in enumerate(names)})
-    export.write_geojson(sdir / "attention.geojson", coords, footprint, measurements)
-    h, w = tiles_meta["level_dims"][0]
-    heat_scale = heatmap_mpp / slide_mpp
-    hshape = (max(1, int(np.ceil(h / heat_scale))), max(1, int(np.ceil(w / heat_scale))))
-    for s, name in enumerate(names):
-        heat = export.rasterise(coords, norm[:, s], footprint, hshape, heat_scale)
-        export.write_heatmap_tiff(sdir / f"attention_{name}.tif", heat, heatmap_mpp)
-    row = {
-        "slide_id": entry.slide_id,
-        "probability": round(pred.probability, 6),
-        "label": int(pred.probability >= threshold),
-        "true_label": -1 if entry.label is None else entry.label,  # the input manifest's label (-1: none given)
-        "num_patches": entry.num_patches,
-        "predict_seconds": round(pred.seconds, 3),
-    }
-    aurocs = entry_localisation(entry, pred.attention, masks, lesion_mask_mpp)
-    if aurocs is not None:
-        row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
-    atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
+    # the folder is complete or absent: written under a temporary name, then renamed (ids are data, not paths)
+    with writing(out, f"the maps and prediction of slide '{entry.slide_id}'"), replacing_dir(out / folder_name(entry.slide_id)) as sdir:
+        with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp, mpp_force=True) as slide:
+            thumb = slide.thumbnail(overlay_mpp)
+        thumb_scale = slide.size[1] / thumb.shape[1]
+        heats = [export.rasterise(coords, norm[:, s], footprint, thumb.shape[:2], thumb_scale) for s in range(len(names))]
+        for name, heat in zip(names, heats):
+            export.save_png(sdir / f"attention_{name}.png", export.overlay(thumb, heat))
+        export.save_png(sdir / "attention_scales.png", export.scale_composite(thumb, heats))
+        measurements = {f"attention {n}": norm[:, s] for s, n in enumerate(names)}
+        measurements.update({f"scale weight {n}": pred.scale_weights[:, s] for s, n in enumerate(names)})
+        export.write_geojson(sdir / "attention.geojson", coords, footprint, measurements)
+        h, w = tiles_meta["level_dims"][0]
+        heat_scale = heatmap_mpp / slide_mpp
+        hshape = (max(1, int(np.ceil(h / heat_scale))), max(1, int(np.ceil(w / heat_scale))))
+        for s, name in enumerate(names):
+            heat = export.rasterise(coords, norm[:, s], footprint, hshape, heat_scale)
+            export.write_heatmap_tiff(sdir / f"attention_{name}.tif", heat, heatmap_mpp)
+        row = {
+            "slide_id": entry.slide_id,
+            "probability": round(pred.probability, 6),
+            "label": int(pred.probability >= threshold),
+            "true_label": -1 if entry.label is None else entry.label,  # the input manifest's label (-1: none given)
+            "num_patches": entry.num_patches,
+            "predict_seconds": round(pred.seconds, 3),
+        }
+        aurocs = entry_localisation(entry, pred.attention, masks, lesion_mask_mpp)
+        if aurocs is not None:
+            row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
+        atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
+        return row
+
+
+def add_slide_outputs(rows: list[dict], entry: FeatureEntry, pred: SlidePrediction, out: Path, scales_mpp: Sequence[float],
+                      **kwargs) -> dict:
+    """Write one slide's folder (:func:`write_slide_outputs`), then ``predictions.csv`` with ``rows`` and its row, which
+    is appended to ``rows``. ``predictions.csv`` lists exactly the slides whose folders this run wrote: when the CSV
+    cannot be written (a full disk), the new folder is removed again."""
+    row = write_slide_outputs(entry, pred, out, scales_mpp, **kwargs)
+    try:
+        with writing(out, "predictions.csv"):
+            _write_csv(out / "predictions.csv", [*rows, row])
+    except BaseException:
+        shutil.rmtree(out / folder_name(entry.slide_id), ignore_errors=True)
+        raise
+    rows.append(row)
     return row
 
 
 def write_cohort_outputs(rows: list[dict], out: Path, scales_mpp: Sequence[float]) -> None:
     """``predictions.csv`` and, when lesion masks were found, ``localisation.json``."""
-    _write_csv(out / "predictions.csv", rows)
-    _log_localisation(rows, [scale_name(m) for m in scales_mpp], out)
+    with writing(out, "predictions.csv and localisation.json"):
+        _write_csv(out / "predictions.csv", rows)
+        _log_localisation(rows, [scale_name(m) for m in scales_mpp], out)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -13,7 +13,7 @@ from monai.inferers import Inferer
 
 from scripts.data.manifest import SlideRecord
 from scripts.features.store import FeatureEntry
-from scripts.inference.outputs import masks_dir, write_cohort_outputs, write_slide_outputs
+from scripts.inference.outputs import add_slide_outputs, masks_dir, write_cohort_outputs
 from scripts.inference.predict import SlidePrediction, predict_entry
 
 
@@ -50,8 +50,9 @@ class SlideInferer(Inferer):
 
 
 class SlideOutputWriter:
-    """Evaluator handler: per slide, maps and ``prediction.json``; when the run completes, ``predictions.csv``
-    and ``localisation.json`` (rows also kept in ``self.rows``)."""
+    """Evaluator handler: per slide, its folder of maps and ``prediction.json`` (complete or absent) and
+    ``predictions.csv`` with the slides so far; when the run completes, ``localisation.json`` (rows also kept in
+    ``self.rows``)."""
 
     def __init__(self, output_dir: str | Path, scales_mpp: Sequence[float], threshold: float = 0.5, input_path: str | None = None,
                  dataset_dir: str | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0) -> None:
@@ -70,4 +71,4 @@ class SlideOutputWriter:
         out = engine.state.output
         out = out[0] if isinstance(out, list) else out
         for entry, pred in zip(out["image"], out["pred"]):
-            self.rows.append(write_slide_outputs(entry, pred, self.out, self.scales_mpp, **self.kw))
+            add_slide_outputs(self.rows, entry, pred, self.out, self.scales_mpp, **self.kw)

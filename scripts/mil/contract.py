@@ -14,13 +14,14 @@ with ``python -m scripts.mil.upgrade_checkpoint`` (:mod:`scripts.mil.upgrade_che
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from scripts.cache import stable_hash
-from scripts.errors import BundleInputError
+from scripts.errors import BundleInputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,25 @@ def read_checkpoint(ckpt_path: str | Path) -> dict:
     """The state dict in a MIL checkpoint file (``weights_only=True``; a ``{"model": ...}`` wrapper unwrapped);
     a missing, unreadable or non-state-dict file raises a :class:`BundleInputError` naming it and the fix."""
     ckpt_path = Path(ckpt_path)
+    if ckpt_path.is_dir():
+        raise BundleInputError(ckpt_path, "is a folder, not a checkpoint file",
+                               "pass --ckpt_path with the model.pt file itself (e.g. models/model.pt), not its folder")
     if not ckpt_path.is_file():
         raise BundleInputError(ckpt_path, "model checkpoint not found", "train first (python -m monai.bundle run training --config_file "
                                                                        "configs/train.yaml) or pass --ckpt_path")
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # not a torch file at all: the generic message below
+            raise BundleInputError(ckpt_path, f"cannot be read as a model checkpoint ({type(err).__name__}: {first_line(err)})",
+                                   "the file is truncated or not a checkpoint: copy models/model.pt again or train again") from None
+        # a whole pickled object (e.g. torch.save(model)), not weights
+        raise BundleInputError(
+            ckpt_path, "holds a pickled Python object (e.g. torch.save(model)), not a state dict of weights, so it is not loaded "
+            "(unpickling could run arbitrary code)",
+            "save the weights instead: torch.save(model.state_dict(), 'model.pt'), or pass the model.pt written by run training") from None
     except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or holds more than weights
-        raise BundleInputError(ckpt_path, f"cannot be read as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+        raise BundleInputError(ckpt_path, f"cannot be read as a model checkpoint ({type(err).__name__}: {first_line(err)})",
                                "the file is truncated or not a checkpoint: copy models/model.pt again or train again") from None
     if not isinstance(state, dict):
         raise BundleInputError(ckpt_path, f"holds a {type(state).__name__}, not a state dict", "pass the model.pt written by run training")

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from monai.bundle import ConfigParser
 
-from scripts.errors import BundleInputError
+from scripts.errors import BundleInputError, is_bundle_main
 
 #: run ids a config of this bundle may have (the stages), in pipeline order
 STAGES = ("prepare", "pretrain", "extract", "cluster", "training", "evaluate", "inference", "export", "run")
@@ -55,7 +55,7 @@ def command_line(argv: Sequence[str] | None = None) -> dict | None:
     """``{"run_id", "config_files", "ids"}`` of a ``python -m monai.bundle run ...`` command line (None for any
     other program: tests, Python callers). ``ids`` are the overridden ids' top-level names."""
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] != "run" or not _is_bundle_main(argv[0]):
+    if len(argv) < 2 or argv[1] != "run" or not is_bundle_main(argv[0]):
         return None
     run_id, files, ids = None, [], []
     i = 2
@@ -76,11 +76,6 @@ def command_line(argv: Sequence[str] | None = None) -> dict | None:
             run_id = arg
         i += 1
     return {"run_id": run_id or "run", "config_files": files, "ids": ids}
-
-
-def _is_bundle_main(prog: str) -> bool:
-    p = Path(prog)
-    return prog == "monai.bundle" or (p.name == "__main__.py" and p.parent.name == "bundle" and p.parent.parent.name == "monai")
 
 
 def _as_list(value: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from scripts.cache import atomic_write_bytes
-from scripts.errors import BundleInputError, find_input_error
+from scripts.errors import BundleInputError, DiskFullError, find_input_error
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,8 +68,8 @@ def guarded(on_error: str, stage: str, slide_id: str, output_dir, fn: Callable[.
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - filtered below
         found = find_input_error(exc)
-        if check_policy(on_error) == "raise" or found is None:
-            raise
+        if check_policy(on_error) == "raise" or found is None or isinstance(found, DiskFullError):
+            raise  # a full disk is no fault of the slide: never skipped
         record(stage, slide_id, found, output_dir)
         return None
 

@@ -68,25 +68,93 @@ class ValidationSummary:
         logger.info("Validation AUC: %s  (%s)", fmt(auc), msg)
 
 
-class NonFiniteLossGuard:
-    """Stop training with a clear error when the loss becomes NaN or Inf (ignite's ``TerminateOnNan`` stops
-    silently, which would keep a checkpoint from before the problem without telling anyone)."""
+class LossGuard:
+    """Stop training with one line when it diverges, instead of finishing with a useless model (ignite's
+    ``TerminateOnNan`` stops silently and keeps a checkpoint from before the problem without telling anyone):
 
-    def __init__(self, output_transform=lambda out: out[0]["loss"] if isinstance(out, list) else out["loss"]) -> None:
+    * a non-finite loss (NaN / Inf) at any iteration;
+    * an epoch whose mean training loss exceeds ``max_loss_factor`` x the chance-level loss (cross-entropy of a
+      uniform guess over ``num_classes``: ln 2 = 0.69 for two classes, so the default stops above 69, where the
+      weights have exploded: ``--learning_rate 1e6`` reaches 1e22 in the first epoch).
+
+    The message names the epoch and ``learning_rate``, the usual cause. Attach before the validation handler so
+    that a diverged epoch is never validated or checkpointed.
+    """
+
+    def __init__(self, learning_rate: float | None = None, num_classes: int = 2, max_loss_factor: float = 100.0,
+                 output_transform=lambda out: out[0]["loss"] if isinstance(out, list) else out["loss"]) -> None:
+        self.learning_rate = learning_rate
+        self.chance_loss = math.log(max(int(num_classes), 2))
+        self.max_loss = float(max_loss_factor) * self.chance_loss
         self.output_transform = output_transform
+        self._sum, self._count = 0.0, 0
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _reset(self, _engine: Engine) -> None:
+        self._sum, self._count = 0.0, 0
+
+    def _fix(self) -> str:
+        lr = "" if self.learning_rate is None else f" (now {self.learning_rate:g}; the default is 0.0005)"
+        return f"lower --learning_rate{lr}, e.g. by 10x; if it persists, check the feature store for NaN/Inf (extract again)"
 
     def __call__(self, engine: Engine) -> None:
+        from scripts.errors import BundleInputError
+
         loss = float(self.output_transform(engine.state.output))
         if not math.isfinite(loss):
-            from scripts.errors import BundleInputError
+            raise BundleInputError(f"training epoch {engine.state.epoch}, iteration {engine.state.iteration}",
+                                   f"loss is {loss}: training diverged", self._fix())
+        self._sum += loss
+        self._count += 1
 
+    def _epoch_completed(self, engine: Engine) -> None:
+        from scripts.errors import BundleInputError
+
+        mean = self._sum / max(self._count, 1)
+        if mean > self.max_loss:
             raise BundleInputError(
-                f"training epoch {engine.state.epoch}, iteration {engine.state.iteration}", f"loss is {loss}",
-                "lower learning_rate, check the feature store for NaN/Inf (re-extract), or standardise inputs",
-            )
+                f"training epoch {engine.state.epoch}",
+                f"mean train loss {mean:.3g} is {mean / self.chance_loss:.3g} x the chance level {self.chance_loss:.3f}: training diverged",
+                self._fix())
+
+
+class OneLineErrors:
+    """First ``EXCEPTION_RAISED`` handler of an engine: bad input, a full disk and an interrupt propagate at
+    once, so MONAI's ``StatsHandler`` does not log a traceback around the one line the command prints
+    (:mod:`scripts.errors`, :mod:`scripts.interrupts`); with ``--debug`` the traceback is logged as before.
+
+    A full disk met while this engine's handlers write (e.g. MONAI's ``CheckpointSaver`` saving
+    ``models/model.pt``) becomes one :class:`scripts.errors.DiskFullError` naming ``folder`` and ``what``.
+    Other errors pass to the next handler unchanged. Attach it before every other handler.
+    """
+
+    def __init__(self, folder: str | Path | None = None, what: str = "this stage's outputs") -> None:
+        self.folder = folder
+        self.what = what
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, e: BaseException) -> None:
+        from scripts.errors import BundleInputError, debug, disk_full_error, exception_chain, is_disk_full
+
+        others = len(engine._event_handlers.get(Events.EXCEPTION_RAISED, [])) > 1  # noqa: SLF001 - ignite has no public count
+        if not isinstance(e, Exception) or any(isinstance(c, BundleInputError) for c in exception_chain(e)):
+            if debug() and others:
+                return  # --debug: StatsHandler logs the traceback (and raises)
+            raise e  # an interrupt (SystemExit, KeyboardInterrupt) or bad input: one line, printed by the command
+        full = next((c for c in exception_chain(e) if is_disk_full(c)), None)
+        if full is not None and not debug():
+            name = getattr(full, "filename", None)
+            folder = self.folder if self.folder is not None else (Path(name).parent if name else None)
+            raise disk_full_error(full, folder, self.what) from e
+        if not others:
+            raise e  # ignite swallows an exception that no EXCEPTION_RAISED handler raises
+        # any other error: the next handler (MONAI's StatsHandler) logs its traceback and raises it
 
 
 class MLflowArtifacts:

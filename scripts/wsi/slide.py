@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 from monai.data import WSIReader
 
+from scripts.data.manifest import MPP_RANGE  # noqa: F401 - re-exported: plausible level-0 µm per px
 from scripts.errors import BundleInputError
+from scripts.wsi.convert import picture_format
 from scripts.wsi.memory import pin_mmap_threshold
 from scripts.wsi.resample import block_mean, resize_area
 
 logger = logging.getLogger(__name__)
 
-#: sane range of level-0 resolutions (µm per px); outside it the metadata is wrong or the file is no slide
 #: an mpp override within this relative distance of the metadata agrees with it
 MPP_AGREE = 0.02
-MPP_RANGE = (0.05, 20.0)
 #: plausible level-0 edge lengths in pixels (smaller is a thumbnail or label image, larger a broken header)
 SIZE_RANGE = (64, 1_000_000)
 BACKENDS = ("openslide", "cucim", "tifffile")
@@ -174,6 +174,13 @@ class SlideReader:
         except BundleInputError:
             raise
         except Exception as err:  # noqa: BLE001 - every backend raises its own types
+            picture = picture_format(self.path)
+            if picture is not None:
+                raise BundleInputError(
+                    self.path, f"is a {picture} picture, not a whole-slide image (no pyramid, no µm per px)",
+                    f"pass the whole-slide file (.svs, .tif, .ndpi, ...), or convert the picture given its µm per px: "
+                    f"python -m scripts.wsi.convert {self.path.name} {self.path.stem}.tif --mpp 0.5",
+                ) from err
             other = _other_backend_reads(self.path, backend)
             raise BundleInputError(
                 self.path,
@@ -192,11 +199,28 @@ class SlideReader:
     # ------------------------------------------------------------------ metadata
     def _resolve_mpp(self, override: float | None, force: bool = False) -> tuple[float, str]:
         """Level-0 µm per px: the slide's metadata wins; ``override`` (``--mpp`` or the manifest's ``mpp``) fills
-        it in where the metadata has none. An override that contradicts the metadata (by more than 2%) is
-        refused unless ``force`` (``--mpp_force True``), which reads the slide at the override."""
+        it in where the metadata has none or an implausible value (outside ``MPP_RANGE``). An override that
+        contradicts plausible metadata (by more than 2%) is refused unless ``force`` (``--mpp_force True``), which
+        reads the slide at the override."""
         if override is not None and isinstance(override, float) and math.isnan(override):
             override = None
+        if override is not None and not (MPP_RANGE[0] <= float(override) <= MPP_RANGE[1]):
+            raise BundleInputError(
+                self.path,
+                f"the mpp override {float(override):g} µm/px (--mpp or the manifest's mpp) is outside the plausible range {MPP_RANGE}",
+                "correct the manifest's 'mpp' value (or --mpp): level-0 µm per px, e.g. 0.25 (40x) or 0.5 (20x)",
+            )
         meta = self._metadata_mpp()
+        if meta is not None and not (MPP_RANGE[0] <= meta <= MPP_RANGE[1]):
+            if override is None:
+                raise BundleInputError(
+                    self.path,
+                    f"the slide's metadata says {meta:g} µm/px, outside the plausible range {MPP_RANGE}",
+                    "give the slide's level-0 µm per px in the manifest's 'mpp' column (or --mpp), e.g. 0.25 (40x) or 0.5 (20x): "
+                    "an override replaces implausible metadata",
+                )
+            logger.warning("%s: the metadata's %g µm/px is implausible: reading at the override's %g", self.path, meta, float(override))
+            return float(override), f"override (implausible metadata: {meta:g})"
         if override is None:
             mpp, source = meta, "metadata"
             if mpp is None:
@@ -217,12 +241,6 @@ class SlideReader:
                 self.path,
                 f"the slide's metadata says {meta:g} µm/px but the mpp override (--mpp or the manifest's mpp) says {float(override):g}",
                 f"the metadata wins: drop the override for this slide, or pass --mpp_force True to read it at {float(override):g} µm/px",
-            )
-        if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
-            raise BundleInputError(
-                self.path,
-                f"level-0 resolution {mpp:g} µm/px ({source}) is outside the plausible range {MPP_RANGE}",
-                "give the correct mpp in the manifest's 'mpp' column",
             )
         return mpp, source
 

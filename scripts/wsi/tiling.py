@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.cache import atomic_dir, file_fingerprint, release_claim, remove_stale_temporaries, stable_hash, try_claim
+from scripts.data.ids import folder_name
 from scripts.errors import BundleInputError
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tissue import TissueParams, tissue_mask
@@ -137,7 +138,7 @@ def prepare_slide(
     if mpp_force:
         provenance["mpp_force"] = True
     root = Path(cache_dir) / "tiles"
-    entry = root / f"{slide_id}-{stable_hash(provenance)}"
+    entry = root / f"{folder_name(slide_id)}-{stable_hash(provenance)}"  # ids are data, not paths
     if (entry / "meta.json").is_file():
         return entry
     remove_stale_temporaries(root)
@@ -202,7 +203,7 @@ def _tile(slide_id: str, path: Path, entry: Path, params: "TilingParams", mpp: f
             "tissue": tissue_info,
             "num_patches": int(len(centres)),
         }
-    with atomic_dir(entry) as tmp:
+    with atomic_dir(entry, f"the tiles of slide '{slide_id}'") as tmp:
         np.save(tmp / "coords.npy", centres)
         Image.fromarray((mask * 255).astype(np.uint8)).save(tmp / "tissue.png")
         Image.fromarray(thumb).save(tmp / "thumbnail.png")
