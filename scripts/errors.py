@@ -36,7 +36,9 @@ def first_line(err: BaseException, limit: int = 120) -> str:
 
 
 class DiskFullError(BundleInputError):
-    """A write failed because the device holding ``path`` is full (or over quota)."""
+    """A write failed because the device holding ``path`` is full (or over quota); ``detail``: the system's words."""
+
+    detail = "No space left on device"
 
 
 #: errno values of a full device or an exhausted quota
@@ -56,19 +58,25 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_error(exc: BaseException, folder: str | os.PathLike | None, what: str) -> DiskFullError:
     """The one-line error for a failed write of ``what`` into ``folder``."""
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else "short write"
-    return DiskFullError(folder if folder is not None else "<output>", f"no space left on the device while writing {what} ({detail})",
-                         DISK_FULL_FIX)
+    if isinstance(exc, DiskFullError):
+        detail = exc.detail
+    else:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else "short write"
+    err = DiskFullError(folder if folder is not None else "<output>", f"no space left on the device while writing {what} ({detail})",
+                        DISK_FULL_FIX)
+    err.detail = detail
+    return err
 
 
 @contextmanager
 def writing(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Turn a full disk inside the block into one :class:`DiskFullError` naming ``folder`` and ``what`` (e.g.
-    ``"the feature store entry of slide 'a'"``); any other error passes unchanged."""
+    ``"the feature store entry of slide 'a'"``); any other error passes unchanged. Nested, the outermost names it
+    (the user's folder, not a temporary one inside it)."""
     try:
         yield
-    except DiskFullError:
-        raise
+    except DiskFullError as exc:
+        raise disk_full_error(exc, folder, what) from exc
     except (OSError, RuntimeError) as exc:
         if is_disk_full(exc):
             raise disk_full_error(exc, folder, what) from exc

@@ -4,7 +4,8 @@ Every cache entry, output folder and checkpoint is written under a temporary nam
 (:mod:`scripts.cache`), so an interrupted command leaves nothing torn and the same command resumes where it
 stopped. The handler prints ``interrupted (SIGINT): rerun the same command to resume`` on stderr and raises
 :class:`SystemExit` (``128 + signal``), so ``finally`` blocks and ``atexit`` hooks (temporary files, MLflow's
-run) still run; ``--debug`` also prints where the command was. Worker processes forked after the handlers were
+run) still run; a second signal during that clean-up ends the process at once. ``--debug`` also prints where
+the command was. Worker processes forked after the handlers were
 installed (data loaders) keep Python's default: they end quietly with their parent.
 """
 
@@ -19,6 +20,7 @@ from types import FrameType
 #: what the interrupted command prints (after ``interrupted (<signal>): ``)
 RESUME_HINT = "rerun the same command to resume"
 _installed_in: int | None = None
+_interrupted = False
 
 
 def exit_code(signum: int) -> int:
@@ -29,7 +31,10 @@ def exit_code(signum: int) -> int:
 def _handler(signum: int, frame: FrameType | None) -> None:
     if os.getpid() != _installed_in:  # a forked worker: end like Python's default, quietly (the parent reports)
         raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C while cleaning up does not start a second report
+    global _interrupted
+    if _interrupted:  # a second signal while cleaning up: leave at once
+        os._exit(exit_code(signum))
+    _interrupted = True
     if "--debug" in sys.argv and frame is not None:
         traceback.print_stack(frame, file=sys.stderr)
     print(f"interrupted ({signal.Signals(signum).name}): {RESUME_HINT}", file=sys.stderr, flush=True)

@@ -424,6 +424,76 @@ def case_encoder_preprocessing_unknown_field(tmp):
 
 
 #: case -> words the message must contain (besides the fix)
+
+def case_manifest_is_a_folder(tmp):
+    from scripts.data.manifest import read_manifest
+
+    (tmp / "cohort").mkdir()
+    read_manifest(tmp / "cohort")
+
+
+def case_manifest_slide_path_is_a_folder(tmp):
+    (tmp / "slides").mkdir()
+    _read(tmp, ["a,p1,slides,1"])
+
+
+def case_manifest_mpp_out_of_range(tmp):
+    _read(tmp, ["a,p1,s.tif,1,-0.5"], header="slide_id,patient_id,path,label,mpp")
+
+
+def case_manifest_ids_differ_only_in_case(tmp):
+    _slide(tmp, "t.tif")
+    _read(tmp, ["Case1,p1,s.tif,1", "case1,p2,t.tif,0"])
+
+
+def case_checkpoint_is_a_folder(tmp):
+    from scripts.inference.predict import load_network
+    from scripts.mil.networks import CSMIL
+
+    (tmp / "models" / "model.pt").mkdir(parents=True)
+    load_network(CSMIL(in_features=128), tmp / "models" / "model.pt")
+
+
+def case_checkpoint_pickled_module(tmp):
+    from scripts.inference.predict import load_network
+    from scripts.mil.networks import CSMIL
+
+    torch.save(CSMIL(in_features=128), tmp / "model.pt")  # the whole module pickled, not its state dict
+    load_network(CSMIL(in_features=128), tmp / "model.pt")
+
+
+def case_slide_is_a_picture(tmp):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(60, 200, (300, 400, 3), dtype=np.uint8)).save(tmp / "photo.jpg")
+    _open(tmp / "photo.jpg")
+
+
+def case_slide_metadata_mpp_implausible(tmp):
+    _open(_slide(tmp, mpp=0.01))  # the header claims 0.01 µm/px; the fix (an mpp override) is tested to work
+
+
+def case_training_diverged(tmp):
+    from ignite.engine import Engine
+
+    from scripts.workflows.handlers import LossGuard
+
+    engine = Engine(lambda e, b: {"loss": 1.5e22})  # what --learning_rate 1e6 gives in the first epoch
+    LossGuard(learning_rate=1e6).attach(engine)
+    engine.run([0, 1], max_epochs=2)
+
+
+def case_disk_full(tmp):
+    import errno
+    from unittest import mock
+
+    from scripts.cache import atomic_write_bytes
+
+    # what a full device answers (the real thing, a small tmpfs, is tests/test_disk_full.py)
+    with mock.patch("os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        atomic_write_bytes(tmp / "out" / "predictions.csv", b"slide_id\n")
+
+
 CASES = {
     "manifest_missing": (case_manifest_missing, "manifest not found"),
     "manifest_missing_column": (case_manifest_missing_column, "missing column"),
@@ -480,6 +550,16 @@ CASES = {
     "encoder_file_not_exported": (case_encoder_file_not_exported, "cannot be loaded as an exported encoder"),
     "encoder_file_returns_tokens": (case_encoder_file_returns_tokens, "not [batch, features]"),
     "encoder_preprocessing_unknown_field": (case_encoder_preprocessing_unknown_field, "unknown field"),
+    "manifest_is_a_folder": (case_manifest_is_a_folder, "is a folder, not a manifest file"),
+    "manifest_slide_path_is_a_folder": (case_manifest_slide_path_is_a_folder, "is a folder, not a slide file"),
+    "manifest_mpp_out_of_range": (case_manifest_mpp_out_of_range, "outside the plausible range"),
+    "manifest_ids_differ_only_in_case": (case_manifest_ids_differ_only_in_case, "only in letter case"),
+    "checkpoint_is_a_folder": (case_checkpoint_is_a_folder, "is a folder, not a checkpoint file"),
+    "checkpoint_pickled_module": (case_checkpoint_pickled_module, "pickled Python object"),
+    "slide_is_a_picture": (case_slide_is_a_picture, "is a JPEG picture, not a whole-slide image"),
+    "slide_metadata_mpp_implausible": (case_slide_metadata_mpp_implausible, "metadata says 0.01 µm/px, outside the plausible range"),
+    "training_diverged": (case_training_diverged, "training diverged"),
+    "disk_full": (case_disk_full, "no space left on the device while writing 'predictions.csv'"),
 }
 
 
@@ -492,7 +572,7 @@ def test_bad_input_is_explained(name, tmp_path):
     assert e.path and e.path != "<input>" or name.startswith("too_few"), e
     assert words.lower() in e.reason.lower(), e
     assert len(e.fix) > 10, e
-    if name.startswith(("manifest_", "slide_", "scale_", "checkpoint_", "features_", "unknown_backend", "deploy_")):
+    if name.startswith(("manifest_", "slide_", "scale_", "checkpoint_", "features_", "unknown_backend", "deploy_", "disk_")):
         assert str(tmp_path) in e.path or "training" in e.path, e  # the offending file (or row) is named
 
 

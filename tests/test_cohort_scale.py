@@ -122,6 +122,30 @@ def test_killed_rank_then_rerun_finishes_only_the_remainder(reference, tmp_path)
     assert _leftovers(cache) == []
 
 
+def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(reference, tmp_path):
+    """Ctrl-C (SIGINT) in `run extract`: exit 130, one line, no traceback, nothing torn; the same command then
+    encodes only the remaining slides and the store equals one uninterrupted run's, bit for bit."""
+    data, ref = reference
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(_extract_cmd(data, cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not ((cache / "features").is_dir() and _features(cache)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
+    said = [line for line in err.splitlines() if line.startswith(("error", "interrupted"))]
+    assert said == ["interrupted (SIGINT): rerun the same command to resume"], err[-2000:]
+    done = {p.name: p.stat().st_mtime_ns for p in (cache / "features").iterdir() if (p / "meta.json").is_file()}
+    assert 1 <= len(done) < 6 and _leftovers(cache) == []
+    run_bundle("train.yaml", "extract", dataset_dir=str(data), cache_dir=str(cache), output_dir=str(cache.parent / "out"),
+               demo_num_patients=6, demo_slide_size=TINY_DEMO.size)
+    assert {n: (cache / "features" / n).stat().st_mtime_ns for n in done} == done  # finished slides not redone
+    _assert_same_features(cache, ref)
+    assert _leftovers(cache) == []
+
+
 def test_two_independent_processes_share_one_store(reference, tmp_path):
     data, ref = reference
     cache = tmp_path / "cache"

@@ -178,3 +178,35 @@ def test_fast_reader_matches_the_reference_approach(request, fixture, tmp_path):
                 else:
                     assert diff.max() <= 2 and diff.mean() < 0.5, (p, x, y, diff.max(), diff.mean())
     ref_slide.close()
+
+
+def test_an_override_replaces_implausible_metadata(tmp_path, textured_image):
+    """A header claiming 0.01 µm/px: refused alone (the error suggests the manifest's mpp), read at the override
+    when one is given, without --mpp_force; an implausible override is refused whatever the metadata."""
+    from scripts.wsi.pyramid import write_pyramid
+
+    path = write_pyramid(tmp_path / "s.tif", textured_image[:512, :512], mpp=0.01, downsamples=(1, 2), compression="deflate")
+    with pytest.raises(BundleInputError, match="metadata says 0.01 µm/px, outside the plausible range"):
+        SlideReader(path)
+    with SlideReader(path, mpp=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.mpp_source == "override (implausible metadata: 0.01)"
+    with pytest.raises(BundleInputError, match=r"the mpp override 0 µm/px .* is outside the plausible range"):
+        SlideReader(path, mpp=0.0, mpp_force=True)
+
+
+def test_a_picture_can_be_converted_to_a_slide_as_the_error_says(tmp_path):
+    from PIL import Image
+
+    from scripts.wsi.convert import main, picture_format
+
+    yy, xx = np.mgrid[0:700, 0:900]
+    img = np.stack([60 + xx * 0.15, 80 + yy * 0.2, 150 + 0 * xx], axis=-1).astype(np.uint8)  # smooth: JPEG tiles keep it
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    assert picture_format(tmp_path / "photo.png") == "PNG"
+    with pytest.raises(BundleInputError, match="is a PNG picture, not a whole-slide image"):
+        SlideReader(tmp_path / "photo.png")
+    assert main([str(tmp_path / "photo.png"), str(tmp_path / "photo.tif"), "--mpp", "0.5"]) == 0
+    with SlideReader(tmp_path / "photo.tif") as slide:
+        assert slide.mpp == pytest.approx(0.5) and slide.size == (700, 900) and slide.level_count == 2
+        box = slide.read_level_box(0, 100, 200, 64, 64)[..., :3].astype(int)
+        assert np.abs(box - img[200:264, 100:164]).mean() < 3

@@ -38,6 +38,8 @@ def folder_name(identifier: str) -> str:
     if is_plain(identifier):
         return identifier
     stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", identifier).strip("._-")[:60] or "id"
+    if stem.split(".")[0].lower() in _RESERVED:  # Windows reads 'NUL.txt-…' as the device NUL
+        stem = "_" + stem
     return f"{stem}-{hashlib.sha256(identifier.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
 
-from scripts.cache import atomic_write_json
+from scripts.cache import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger("csmil.training")
 
@@ -98,7 +100,7 @@ class LossGuard:
         self._sum, self._count = 0.0, 0
 
     def _fix(self) -> str:
-        lr = "" if self.learning_rate is None else f" (now {self.learning_rate:g}; the default is 0.0005)"
+        lr = "" if self.learning_rate is None else f" (now {self.learning_rate:g})"
         return f"lower --learning_rate{lr}, e.g. by 10x; if it persists, check the feature store for NaN/Inf (extract again)"
 
     def __call__(self, engine: Engine) -> None:
@@ -155,6 +157,39 @@ class OneLineErrors:
         if not others:
             raise e  # ignite swallows an exception that no EXCEPTION_RAISED handler raises
         # any other error: the next handler (MONAI's StatsHandler) logs its traceback and raises it
+
+
+class AtomicDiskSaver(DiskSaver):
+    """ignite ``DiskSaver`` writing through :func:`scripts.cache.atomic_write_bytes`: a checkpoint is the old
+    complete file or the new complete file, never a torn one (MONAI's ``CheckpointSaver`` saves with
+    ``atomic=False``, so a full disk or Ctrl-C while saving ``model.pt`` would leave it cut and the previous best
+    lost). Unlike ignite's ``atomic=True`` the file keeps the umask's permissions (MONAI's reason for ``False``)."""
+
+    def __init__(self, dirname: str | Path, filename: str | None = None, **kwargs: Any) -> None:
+        super().__init__(str(dirname), require_empty=False, atomic=False, create_dir=True, **kwargs)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        import io
+
+        import ignite.distributed as idist
+        import torch
+
+        if idist.get_rank() != self.save_on_rank:
+            return
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf, **self.kwargs)
+        atomic_write_bytes(Path(self.dirname) / (self.filename or filename), buf.getvalue())
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments, same files) whose writes are atomic (:class:`AtomicDiskSaver`)."""
+
+    def __init__(self, save_dir: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(save_dir, *args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = AtomicDiskSaver(save_dir, getattr(ckpt.save_handler, "filename", None))
 
 
 class MLflowArtifacts:
