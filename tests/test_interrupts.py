@@ -21,8 +21,8 @@ PROGRAM = """
 import sys, time
 from scripts.errors import install_excepthook
 install_excepthook(signals=True)
-print("ready", flush=True)
 try:
+    print("ready", flush=True)
     time.sleep(60)
 finally:
     print("cleaned up", flush=True)
@@ -47,7 +47,7 @@ def test_a_signal_ends_the_command_with_one_line_and_the_shell_code(sig, code):
 
 def test_debug_keeps_where_it_was_interrupted():
     r = _interrupt(signal.SIGINT, "--debug")
-    assert r.returncode == 130 and "line 7, in <module>" in r.stderr and r.stderr.strip().endswith("rerun the same command to resume")
+    assert r.returncode == 130 and 'File "<string>", line' in r.stderr and r.stderr.strip().endswith("rerun the same command to resume")
 
 
 def test_importing_the_bundle_elsewhere_keeps_python_s_ctrl_c():

@@ -181,6 +181,12 @@ class AtomicDiskSaver(DiskSaver):
         torch.save(checkpoint, buf, **self.kwargs)
         atomic_write_bytes(Path(self.dirname) / (self.filename or filename), buf.getvalue())
 
+    def remove(self, filename: str) -> None:
+        """ignite removes the previous best before saving the next; a fixed name (``model.pt``) is kept until the
+        next save replaces it, so there is always a complete best checkpoint (MONAI deletes it first)."""
+        if self.filename is None:
+            super().remove(filename)
+
 
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` (same arguments, same files) whose writes are atomic (:class:`AtomicDiskSaver`)."""
