@@ -91,4 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from scripts.interrupts import install_interrupt_handlers
+
+    install_interrupt_handlers()  # Ctrl-C: one line, exit 130
     sys.exit(main())

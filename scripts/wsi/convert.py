@@ -68,5 +68,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from scripts.errors import install_excepthook
 
-    install_excepthook()
+    install_excepthook(signals=True)
     raise SystemExit(main())
