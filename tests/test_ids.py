@@ -66,8 +66,8 @@ def test_the_manifest_keeps_the_ids_verbatim_and_reads_other_encodings(tmp_path,
 
 
 def test_inference_with_hostile_ids_writes_only_inside_its_folders(trained, tmp_path):
-    """Tiles, feature store entries and slide folders of ids such as '../../escape' stay inside cache_dir and
-    output_dir; predictions.csv and prediction.json carry the ids verbatim."""
+    """Tiles, feature store entries and slide folders of ids such as '../../escape' (and patient ids like it) stay
+    inside cache_dir and output_dir; predictions.csv and prediction.json carry the ids verbatim."""
     demo = trained / "demo"
     rows = list(csv.DictReader(open(demo / "manifest.csv")))
     hostile = ["../../escape", "case/1", "C:\\x\x07", "a" * 300][: len(rows)]
@@ -77,7 +77,7 @@ def test_inference_with_hostile_ids_writes_only_inside_its_folders(trained, tmp_
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r, sid in zip(rows, hostile):
-            w.writerow({**r, "slide_id": sid, "path": str((demo / r["path"]).resolve())})
+            w.writerow({**r, "slide_id": sid, "patient_id": f"../../{r['patient_id']}/x", "path": str((demo / r["path"]).resolve())})
     before = sorted(p for p in tmp_path.rglob("*"))
     out, cache = work / "out", work / "cache"
     run_bundle("inference.yaml", input=str(work / "manifest.csv"), output_dir=str(out), cache_dir=str(cache),

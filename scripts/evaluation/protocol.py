@@ -155,7 +155,7 @@ def run_one(
 def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, dataset_dir: str | Path,
                                 scales_mpp: Sequence[float], device: Any = "cpu") -> dict[str, float]:
     """Mean per-scale localisation AUROC of the network's patch attention against the lesion masks of the positive
-    test slides (``<dataset_dir>/masks/<slide_id>.png``, as the demo and co-location cohorts have); empty when
+    test slides (``<dataset_dir>/masks/<slide's folder name>.png``, :mod:`scripts.data.ids`, as the demo and co-location cohorts have); empty when
     there are no masks or the network has no attention (``forward_attention``)."""
     masks = Path(str(dataset_dir)) / "masks"
     if not hasattr(network, "forward_attention") or not masks.is_dir():

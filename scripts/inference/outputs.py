@@ -40,7 +40,7 @@ def localisation_auroc(coords: np.ndarray, attention: np.ndarray, mask: np.ndarr
 
 
 def entry_localisation(entry: FeatureEntry, attention: np.ndarray, masks: Path | None, lesion_mask_mpp: float = 8.0) -> list[float | None] | None:
-    """Per-scale localisation AUROC of ``attention`` [N, S] against ``masks/<slide_id>.png`` (None without a mask)."""
+    """Per-scale localisation AUROC of ``attention`` [N, S] against ``masks/<folder name of the slide id>.png`` (None without a mask)."""
     mask_file = masks / f"{folder_name(entry.slide_id)}.png" if masks else None
     if mask_file is None or not mask_file.is_file():
         return None
@@ -60,7 +60,7 @@ def write_slide_outputs(
     masks: Path | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0,
 ) -> dict:
     """Per-scale PNG overlays, scale composite, QuPath GeoJSON, pyramidal TIFF heatmaps and ``prediction.json``
-    of one slide in ``out/<slide_id>/``; returns its ``predictions.csv`` row."""
+    of one slide in ``out/<folder name of the slide id>/`` (:mod:`scripts.data.ids`), complete or absent; returns its ``predictions.csv`` row."""
     names = [scale_name(m) for m in scales_mpp]
     tiles_meta = json.loads((Path(entry.meta["tiles_dir"]) / "meta.json").read_text())
     slide_mpp = float(tiles_meta["mpp"])
