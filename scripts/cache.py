@@ -68,9 +68,12 @@ def tensor_dict_hash(state: dict[str, Any], length: int = 16) -> str:
 
 
 @contextmanager
-def atomic_dir(final: str | os.PathLike, what: str | None = None) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; rename it to ``final`` only if the block succeeds. A full disk
-    is one :class:`scripts.errors.DiskFullError` naming the folder and ``what`` (default: the entry's name)."""
+def atomic_dir(final: str | os.PathLike, what: str | None = None, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; rename it to ``final`` only if the block succeeds, so ``final``
+    is complete or absent. If ``final`` exists by then, a cache entry (``replace=False``) keeps it (another process
+    finished the same entry first); an output (``replace=True``, e.g. a slide folder of a rerun) is replaced whole,
+    the old folder moved aside before the rename. A full disk is one :class:`scripts.errors.DiskFullError` naming
+    the folder and ``what`` (default: the entry's name)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -78,26 +81,9 @@ def atomic_dir(final: str | os.PathLike, what: str | None = None) -> Iterator[Pa
         with writing(final.parent, what or f"'{final.name}'"):
             tmp.mkdir()
             yield tmp
-        if final.exists():  # another process finished the same entry first: keep theirs
+        if final.exists() and not replace:
             shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def replacing_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; when the block succeeds it replaces ``final`` (an older
-    ``final`` is moved aside and deleted), so ``final`` is always either the old complete folder or the new one.
-    Unlike :func:`atomic_dir` (cache entries: the first writer wins), the new content wins (outputs of a rerun)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        yield tmp
+            return
         old = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.rename(final, old)

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from scripts.cache import atomic_write_bytes, atomic_write_json, replacing_dir
+from scripts.cache import atomic_dir, atomic_write_bytes, atomic_write_json
 from scripts.data.ids import folder_name
 from scripts.errors import writing
 from scripts.features.store import FeatureEntry
@@ -69,7 +69,7 @@ def write_slide_outputs(
     patch_size = int(tiles_meta["tiling"]["patch_size"])  # as the slide was tiled (the config's patch_size)
     footprint = patch_size * min(scales_mpp) / slide_mpp  # the finest scale's patch square, level-0 px
     # the folder is complete or absent: written under a temporary name, then renamed (ids are data, not paths)
-    with writing(out, f"the maps and prediction of slide '{entry.slide_id}'"), replacing_dir(out / folder_name(entry.slide_id)) as sdir:
+    with writing(out, f"the maps and prediction of slide '{entry.slide_id}'"), atomic_dir(out / folder_name(entry.slide_id), replace=True) as sdir:
         with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp, mpp_force=True) as slide:
             thumb = slide.thumbnail(overlay_mpp)
         thumb_scale = slide.size[1] / thumb.shape[1]
