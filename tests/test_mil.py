@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
+
 from scripts.mil.bags import gather_bag, sample_bag
 from scripts.mil.engine import BagEnsembleInferer
 from scripts.mil.networks import CSMIL
+
+GOLDEN_MODELS = ROOT / "tests" / "data" / "golden_mil_models.json"
 
 B, S, K, M, D = 2, 3, 4, 5, 16
 
@@ -153,3 +159,18 @@ def test_attention_pool_is_the_pooling_of_every_attention_model(name):
     net = build_model(name, in_features=8, num_scales=3, num_clusters=4).eval()
     x, mask = torch.randn(1, 3, 12, 8), torch.rand(1, 12) > 0.2
     assert torch.allclose(torch.jit.script(net)(x, mask), net(x, mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(json.loads(GOLDEN_MODELS.read_text())))
+def test_every_model_keeps_its_recorded_outputs(name):
+    """Refactoring scripts/mil keeps every model's state-dict keys (old checkpoints load) and outputs
+    (tests/golden_models.py recorded them before the models shared one base)."""
+    from golden_models import model_outputs
+
+    want, got = json.loads(GOLDEN_MODELS.read_text())[name], model_outputs(name)
+    assert got["keys"] == want["keys"]
+    assert set(got) == set(want)  # forward_attention neither lost nor gained without a new record
+    for key in ("logits", "logits_nomask"):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), rtol=0, atol=1e-6)
+    for k, v in want.get("attention", {}).items():
+        torch.testing.assert_close(torch.tensor(got["attention"][k]), torch.tensor(v), rtol=0, atol=1e-6)
