@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from scripts.mil.fusion import CriticalInstancePooling, JointScaleMIL, cluster_mass
+from scripts.mil.base import MILBase
 from scripts.mil.networks import CSMIL, AttentionScore, attention_pool
 
 
@@ -49,7 +50,7 @@ def _combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, 
     return inst, mask.reshape(b, k, m, 1).expand(b, k, m, s).reshape(b, n * s)
 
 
-class AttentionMIL(nn.Module):
+class AttentionMIL(MILBase):
     """Attention-pooling MIL over scale-combined instances (see the module docstring)."""
 
     def __init__(
@@ -57,15 +58,12 @@ class AttentionMIL(nn.Module):
         scale: int = 0, pooling: str = "hierarchical", gated: bool = False, hidden: int = 64, attn_hidden: int = 32,
         dropout: float = 0.5, num_classes: int = 2,
     ) -> None:
-        super().__init__()
+        super().__init__(in_features, num_scales, num_clusters)  # input standardisation (MILBase)
         if scale_mode not in ("select", "instances", "sum", "concat"):
             raise ValueError(f"scale_mode must be select, instances, sum or concat, got {scale_mode!r}")
         if pooling not in ("hierarchical", "flat"):
             raise ValueError(f"pooling must be 'hierarchical' or 'flat', got {pooling!r}")
-        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
         self.scale_mode, self.scale, self.hierarchical = scale_mode, scale, pooling == "hierarchical"
-        self.register_buffer("input_mean", torch.zeros(in_features))
-        self.register_buffer("input_std", torch.ones(in_features))
         d = in_features * (num_scales if scale_mode == "concat" else 1)
         self.encoder = nn.Sequential(nn.Linear(d, hidden), nn.ReLU())
         # the same score module as CS-MIL's pooling (w^T tanh(V h)), or the gated one
@@ -73,12 +71,10 @@ class AttentionMIL(nn.Module):
         self.cluster_attention = GatedScore(hidden, attn_hidden) if gated else AttentionScore(hidden, attn_hidden, "tanh")
         self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
 
-    set_input_stats = CSMIL.set_input_stats
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, _, n, _ = x.shape
-        mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
-        x = (x - self.input_mean) / self.input_std
+        x, mask = self.prepare(x, mask)
+        b = x.shape[0]
         inst, imask = _combine_scales(x, mask, self.scale_mode, self.scale, self.num_clusters)
         h = self.encoder(inst)  # [B, N', H]
         if self.hierarchical:
@@ -91,24 +87,19 @@ class AttentionMIL(nn.Module):
         return self.head(slide)
 
 
-class DSMIL(nn.Module):
+class DSMIL(MILBase):
     """Dual-stream MIL (Li et al., CVPR 2021) on features concatenated over scales; 2-class logits."""
 
     def __init__(self, in_features: int = 2048, num_scales: int = 3, num_clusters: int = 8, hidden: int = 64,
                  dropout: float = 0.0, num_classes: int = 2) -> None:
-        super().__init__()
-        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
-        self.register_buffer("input_mean", torch.zeros(in_features))
-        self.register_buffer("input_std", torch.ones(in_features))
+        super().__init__(in_features, num_scales, num_clusters)  # input standardisation (MILBase)
         self.embed = nn.Sequential(nn.Linear(in_features * num_scales, hidden), nn.ReLU())
         self.pool = CriticalInstancePooling(hidden, num_classes, dropout)
 
-    set_input_stats = CSMIL.set_input_stats
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, mask = self.prepare(x, mask)
         b, s, n, d = x.shape
-        mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
-        x = (x - self.input_mean) / self.input_std
         h = self.embed(x.permute(0, 2, 1, 3).reshape(b, n, s * d))  # [B, N, H]
         return self.pool(h, mask)[0]
 
@@ -125,9 +116,8 @@ class DSMIL(nn.Module):
         per-scale terms); ``cluster`` [B, K]: patch weight per phenotype cluster; ``bag`` [B, N]: bag-stream
         attention.
         """
+        x, mask = self.prepare(x, mask)
         b, s, n, d = x.shape
-        mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
-        x = (x - self.input_mean) / self.input_std
         lin = self.embed[0]
         u = torch.einsum("bsnd,hsd->bnsh", x, lin.weight.reshape(lin.weight.shape[0], s, d))  # per-scale terms
         z = u.sum(dim=2) + lin.bias

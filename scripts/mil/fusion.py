@@ -34,7 +34,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from scripts.mil.networks import CSMIL, AttentionScore, attention_pool, masked_softmax
+from scripts.mil.base import MILBase
+from scripts.mil.networks import AttentionScore, attention_pool, masked_softmax
 
 
 def cluster_mass(weights: torch.Tensor, num_clusters: int) -> torch.Tensor:
@@ -96,7 +97,7 @@ class HierarchicalAttentionPooling(nn.Module):
         return self.head(slide), (a_inst * a_clu.unsqueeze(-1)).reshape(b, n), a_clu
 
 
-class JointScaleMIL(nn.Module):
+class JointScaleMIL(MILBase):
     """CS-MIL-joint (see the module docstring): joint cross-scale attention + critical-instance pooling.
 
     Same interface as :class:`scripts.mil.networks.CSMIL`: bags ``x`` [B, S, N, D] (cluster-major slots),
@@ -123,13 +124,10 @@ class JointScaleMIL(nn.Module):
         self, in_features: int = 2048, num_scales: int = 3, num_clusters: int = 8, hidden: int = 64, attn_hidden: int = 32,
         dropout: Optional[float] = None, num_classes: int = 2, fusion: str = "joint", pooling: str = "critical",
     ) -> None:
-        super().__init__()
+        super().__init__(in_features, num_scales, num_clusters)  # input standardisation (MILBase)
         if fusion not in ("joint", "paper") or pooling not in ("critical", "hierarchical"):
             raise ValueError(f"fusion must be joint|paper and pooling critical|hierarchical, got {fusion!r}, {pooling!r}")
-        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
         self.joint = fusion == "joint"
-        self.register_buffer("input_mean", torch.zeros(in_features))
-        self.register_buffer("input_std", torch.ones(in_features))
         # The per-scale projections start as the concatenation baseline's embedding: one nn.Linear over the S
         # concatenated scales (its default init, drawn first, then the pooling, as DSMIL draws them), cut into S
         # blocks; with the zero-initialised score layer below, csmil_joint at initialisation *is* dsmil under the
@@ -147,11 +145,9 @@ class JointScaleMIL(nn.Module):
         nn.init.zeros_(self.scale_attention.net[-1].bias)
         self.critical = pooling == "critical"
 
-    set_input_stats = CSMIL.set_input_stats
 
     def _fuse(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """[B, S, N, D] -> joint embeddings [B, N, H] and cross-scale attention [B, N, S]."""
-        x = (x - self.input_mean) / self.input_std
+        """Standardised [B, S, N, D] -> joint embeddings [B, N, H] and cross-scale attention [B, N, S]."""
         u = torch.einsum("bsnd,sdh->bnsh", x, self.scale_weight)  # [B, N, S, H]
         a = torch.softmax(self.scale_attention(u + self.scale_embedding), dim=-1)  # [B, N, S]
         if self.joint:
@@ -163,12 +159,7 @@ class JointScaleMIL(nn.Module):
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Logits [B, C] and the attention dict described in the class docstring."""
-        if x.dim() != 4 or x.shape[1] != self.num_scales or x.shape[3] != self.in_features:
-            raise ValueError(f"expected bags [B, {self.num_scales}, N, {self.in_features}], got {list(x.shape)}")
-        b, _, n, _ = x.shape
-        if mask is None:
-            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        mask = mask.to(torch.bool)
+        x, mask = self.prepare(x, mask)
         f, a_scale = self._fuse(x)
         logits, weights, extra = self.pool(f, mask)
         if not self.critical:  # ablation: extra = cluster weights

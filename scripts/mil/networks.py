@@ -20,6 +20,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from scripts.mil.base import MILBase
+
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax over ``dim`` ignoring masked entries; rows with no valid entry get all zeros."""
@@ -51,7 +53,7 @@ class AttentionScore(nn.Module):
         return self.net(h).squeeze(-1)
 
 
-class CSMIL(nn.Module):
+class CSMIL(MILBase):
     """Cross-scale attention MIL network.
 
     Args:
@@ -84,17 +86,12 @@ class CSMIL(nn.Module):
         dropout: float = 0.5,
         num_classes: int = 2,
     ) -> None:
-        super().__init__()
+        super().__init__(in_features, num_scales, num_clusters)  # input standardisation (MILBase)
         if pooling not in ("hierarchical", "flat"):
             raise ValueError(f"pooling must be 'hierarchical' or 'flat', got {pooling!r}")
-        self.in_features, self.num_scales, self.num_clusters = in_features, num_scales, num_clusters
         self.hierarchical = pooling == "hierarchical"
         self.share_instance_encoder = share_instance_encoder
         self.scale_softmax = scale_softmax
-        # per-feature standardisation fitted on the training bags (see :meth:`set_input_stats`); part of
-        # the state dict, so checkpoints and TorchScript exports carry it
-        self.register_buffer("input_mean", torch.zeros(in_features))
-        self.register_buffer("input_std", torch.ones(in_features))
         n_enc = 1 if share_instance_encoder else num_clusters
         self.enc_weight = nn.Parameter(torch.empty(n_enc, in_features, hidden))
         self.enc_bias = nn.Parameter(torch.zeros(n_enc, hidden))
@@ -107,21 +104,9 @@ class CSMIL(nn.Module):
         self.cluster_attention = AttentionScore(hidden, attn_hidden, "tanh")
         self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
 
-    @torch.jit.ignore
-    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> "CSMIL":
-        """Standardise inputs as ``(x - mean) / std`` per feature (fit on training data); returns self."""
-        if torch.as_tensor(mean).numel() != self.in_features:
-            raise ValueError(
-                f"features have {torch.as_tensor(mean).numel()} dimensions but the network expects in_features="
-                f"{self.in_features}: set encoder_arch to the encoder that produced the feature store"
-            )
-        self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
-        self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype).clamp_min(1e-6))
-        return self
-
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised bags [B, S, N, D] -> MI-FCN embeddings [B, S, N, H]."""
         b, s, n, d = x.shape
-        x = (x - self.input_mean) / self.input_std
         if self.share_instance_encoder:
             h = torch.matmul(x, self.enc_weight[0]) + self.enc_bias[0]
         else:
@@ -150,14 +135,8 @@ class CSMIL(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Logits [B, C] and attention: ``scale`` [B, N, S], ``instance`` [B, N], ``cluster`` [B, K],
         ``patch`` [B, N] (each instance's share of the slide embedding)."""
-        if x.dim() != 4 or x.shape[1] != self.num_scales or x.shape[3] != self.in_features:
-            raise ValueError(
-                f"expected bags [B, {self.num_scales}, N, {self.in_features}], got {list(x.shape)}"
-            )
+        x, mask = self.prepare(x, mask)
         b, _, n, _ = x.shape
-        if mask is None:
-            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        mask = mask.to(torch.bool)
         h = self._encode(x)  # [B, S, N, H]
         a_scale = self._scale_weights(h)  # [B, N, S]
         f = (h * a_scale.permute(0, 2, 1).unsqueeze(-1)).sum(dim=1)  # [B, N, H]
