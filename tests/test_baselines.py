@@ -45,3 +45,26 @@ def test_single_scale_baselines_ignore_other_scales():
 def test_unknown_model_is_explained():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         build_model("nope", in_features=D)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_gives_the_maps_weights(model):
+    """Every model has forward_attention (inference and the Deploy export call it): logits equal forward's, patch
+    weights sum to 1 over the real slots and are 0 on empty ones, scale weights sum to 1 per real location (the
+    attention baselines: one-hot on the selected scale, uniform for sum, each scale instance's share for instances),
+    and the TorchScript export gives the same weights."""
+    torch.manual_seed(0)
+    net = build_model(model, in_features=16, num_scales=3, num_clusters=4).eval()
+    x, mask = torch.randn(2, 3, 8, 16), torch.ones(2, 8, dtype=torch.bool)
+    mask[1, [2, 5]] = False
+    logits, att = net.forward_attention(x, mask)
+    torch.testing.assert_close(logits, net(x, mask))
+    assert att["patch"].shape == (2, 8) and att["scale"].shape == (2, 8, 3) and att["cluster"].shape == (2, 4)
+    torch.testing.assert_close(att["patch"].sum(-1), torch.ones(2))
+    assert att["patch"][1, [2, 5]].abs().max() == 0
+    if model != "csmil_reference":  # the reference code keeps raw scale scores (scale_softmax=False)
+        torch.testing.assert_close(att["scale"][mask].sum(-1), torch.ones(int(mask.sum())))
+    if model == "deepattnmisl_5x":
+        assert torch.equal(att["scale"][0], torch.tensor([0.0, 0.0, 1.0]).expand(8, 3))
+    ts = torch.jit.script(net)
+    torch.testing.assert_close(ts.forward_attention(x, mask)[1]["patch"], att["patch"])

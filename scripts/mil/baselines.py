@@ -72,19 +72,53 @@ class AttentionMIL(MILBase):
         self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
 
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @torch.jit.export
+    def forward_attention(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Logits and the maps' weights, per location [B, N] as the other models give them.
+
+        ``instance``: the first attention level (within each cluster when hierarchical, over the bag when flat);
+        ``patch``: each location's share of the slide embedding; ``cluster`` [B, K]: the cluster attention
+        (hierarchical) or the patch weight per cluster (flat). In ``instances`` mode a location's scales are
+        separate instances, so its weights are summed over them. ``scale`` [B, N, S]: these models have no
+        cross-scale attention; the weights say where a location's evidence came from: one-hot on the selected
+        scale (``select``), uniform (``sum``, ``concat``: every scale enters alike), or each scale instance's share
+        of the location's patch weight (``instances``).
+        """
         x, mask = self.prepare(x, mask)
-        b = x.shape[0]
-        inst, imask = _combine_scales(x, mask, self.scale_mode, self.scale, self.num_clusters)
+        b, s, n, _ = x.shape
+        k = self.num_clusters
+        inst, imask = _combine_scales(x, mask, self.scale_mode, self.scale, k)
         h = self.encoder(inst)  # [B, N', H]
         if self.hierarchical:
-            k = self.num_clusters
             hk, mk = h.reshape(b, k, -1, h.shape[-1]), imask.reshape(b, k, -1)
-            _, clusters = attention_pool(hk, self.instance_attention(hk), mk)
-            _, slide = attention_pool(clusters, self.cluster_attention(clusters), mk.any(dim=-1))
+            a_inst, clusters = attention_pool(hk, self.instance_attention(hk), mk)  # [B, K, N'/K]
+            a_clu, slide = attention_pool(clusters, self.cluster_attention(clusters), mk.any(dim=-1))
+            patch = (a_inst * a_clu.unsqueeze(-1)).reshape(b, -1)
+            a_inst = a_inst.reshape(b, -1)
         else:
-            _, slide = attention_pool(h, self.instance_attention(h), imask)
-        return self.head(slide)
+            a_inst, slide = attention_pool(h, self.instance_attention(h), imask)
+            patch = a_inst
+            a_clu = torch.zeros(b, k, dtype=x.dtype, device=x.device)  # set from the per-location weights below
+        logits = self.head(slide)
+        if self.scale_mode == "instances":  # slots per cluster: M locations x S scales (see _combine_scales)
+            per_scale = patch.reshape(b, k, n // k, s)
+            patch = per_scale.sum(dim=-1).reshape(b, n)
+            a_inst = a_inst.reshape(b, k, n // k, s).sum(dim=-1).reshape(b, n)
+            scale = (per_scale / per_scale.sum(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(b, n, s)
+        elif self.scale_mode == "select":
+            scale = torch.zeros(b, n, s, dtype=x.dtype, device=x.device)
+            scale[:, :, self.scale] = 1.0
+        else:
+            scale = torch.full((b, n, s), 1.0 / s, dtype=x.dtype, device=x.device)
+        if not self.hierarchical:
+            a_clu = cluster_mass(patch, k)
+        return logits, {"scale": scale, "instance": a_inst, "cluster": a_clu, "patch": patch}
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, num_classes] of bags ``x`` [B, S, N, D] with optional ``mask`` [B, N]."""
+        return self.forward_attention(x, mask)[0]
 
 
 class DSMIL(MILBase):
