@@ -19,20 +19,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from scripts.mil.fusion import CriticalInstancePooling, JointScaleMIL, cluster_mass
 from scripts.mil.base import MILBase
-from scripts.mil.networks import CSMIL, AttentionScore, attention_pool
-
-
-class GatedScore(nn.Module):
-    """Gated attention score ``w^T (tanh(V h) * sigmoid(U h))``."""
-
-    def __init__(self, hidden: int, attn_hidden: int) -> None:
-        super().__init__()
-        self.v, self.u, self.w = nn.Linear(hidden, attn_hidden), nn.Linear(hidden, attn_hidden), nn.Linear(attn_hidden, 1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
+from scripts.mil.fusion import JointScaleMIL
+from scripts.mil.networks import CSMIL
+from scripts.mil.pooling import AttentionScore, CriticalInstancePooling, GatedScore, HierarchicalPool, attention_pool, classifier_head, cluster_mass
 
 
 def _combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +40,7 @@ def _combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, 
     return inst, mask.reshape(b, k, m, 1).expand(b, k, m, s).reshape(b, n * s)
 
 
-class AttentionMIL(MILBase):
+class AttentionMIL(HierarchicalPool, MILBase):
     """Attention-pooling MIL over scale-combined instances (see the module docstring)."""
 
     def __init__(
@@ -69,7 +59,7 @@ class AttentionMIL(MILBase):
         # the same score module as CS-MIL's pooling (w^T tanh(V h)), or the gated one
         self.instance_attention = GatedScore(hidden, attn_hidden) if gated else AttentionScore(hidden, attn_hidden, "tanh")
         self.cluster_attention = GatedScore(hidden, attn_hidden) if gated else AttentionScore(hidden, attn_hidden, "tanh")
-        self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
+        self.head = classifier_head(hidden, dropout, num_classes)
 
 
     @torch.jit.export
@@ -92,9 +82,7 @@ class AttentionMIL(MILBase):
         inst, imask = _combine_scales(x, mask, self.scale_mode, self.scale, k)
         h = self.encoder(inst)  # [B, N', H]
         if self.hierarchical:
-            hk, mk = h.reshape(b, k, -1, h.shape[-1]), imask.reshape(b, k, -1)
-            a_inst, clusters = attention_pool(hk, self.instance_attention(hk), mk)  # [B, K, N'/K]
-            a_clu, slide = attention_pool(clusters, self.cluster_attention(clusters), mk.any(dim=-1))
+            a_inst, a_clu, slide = self.pool_clusters(h, imask)  # [B, K, N'/K], [B, K], [B, H]
             patch = (a_inst * a_clu.unsqueeze(-1)).reshape(b, -1)
             a_inst = a_inst.reshape(b, -1)
         else:

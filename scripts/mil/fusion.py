@@ -35,66 +35,7 @@ import torch
 from torch import nn
 
 from scripts.mil.base import MILBase
-from scripts.mil.networks import AttentionScore, attention_pool, masked_softmax
-
-
-def cluster_mass(weights: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """Patch weights [B, N] of a cluster-major bag summed per phenotype cluster [B, K] (uniform if N % K != 0)."""
-    b, n = weights.shape
-    if n % num_clusters == 0:
-        return weights.reshape(b, num_clusters, n // num_clusters).sum(dim=-1)
-    return torch.ones(b, num_clusters, device=weights.device, dtype=weights.dtype) / num_clusters
-
-
-class CriticalInstancePooling(nn.Module):
-    """Dual-stream MIL pooling (DSMIL) of instance embeddings ``h`` [B, N, H] with ``mask`` [B, N].
-
-    Returns logits [B, C], instance weights [B, N] (softmax of the class-1 margin of the instance classifier
-    over the bag's real instances) and bag attention [B, N] (similarity to the critical instance).
-    """
-
-    def __init__(self, hidden: int, num_classes: int = 2, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.instance_classifier = nn.Linear(hidden, num_classes)
-        self.query = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
-        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
-        self.bag_classifier = nn.Linear(hidden, num_classes)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = h.shape[0]
-        rows = torch.arange(b, device=h.device)
-        inst_logits = self.instance_classifier(h)  # [B, N, C]
-        crit = inst_logits[..., -1].masked_fill(~mask, -1e4).argmax(dim=1)  # critical instance per bag
-        max_logits = inst_logits[rows, crit]
-        q = self.query(h)
-        scores = (q * q[rows, crit].unsqueeze(1)).sum(-1) / (q.shape[-1] ** 0.5)
-        a = masked_softmax(scores, mask, dim=-1)
-        bag = (a.unsqueeze(-1) * self.value(h)).sum(dim=1)
-        weights = masked_softmax(inst_logits[..., -1] - inst_logits[..., 0], mask, dim=-1)
-        return 0.5 * (max_logits + self.bag_classifier(bag)), weights, a
-
-
-class HierarchicalAttentionPooling(nn.Module):
-    """The paper's pooling (as :class:`scripts.mil.networks.CSMIL` pools): attention over the instances inside
-    each of the K clusters, then over clusters, then the MLP head. Used by the ablation that keeps the joint
-    fusion and swaps critical-instance pooling for this one. Returns logits, patch weights, cluster weights."""
-
-    def __init__(self, hidden: int, attn_hidden: int, num_clusters: int, num_classes: int = 2, dropout: float = 0.5) -> None:
-        super().__init__()
-        self.num_clusters = num_clusters
-        self.instance_attention = AttentionScore(hidden, attn_hidden, "tanh")
-        self.cluster_attention = AttentionScore(hidden, attn_hidden, "tanh")
-        self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
-
-    def forward(self, f: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, n, _ = f.shape
-        k = self.num_clusters
-        if n % k != 0:
-            raise ValueError(f"bag slots ({n}) must be a multiple of num_clusters ({k})")
-        fk, mk = f.reshape(b, k, n // k, -1), mask.reshape(b, k, n // k)
-        a_inst, clusters = attention_pool(fk, self.instance_attention(fk), mk)
-        a_clu, slide = attention_pool(clusters, self.cluster_attention(clusters), mk.any(dim=-1))
-        return self.head(slide), (a_inst * a_clu.unsqueeze(-1)).reshape(b, n), a_clu
+from scripts.mil.pooling import AttentionScore, CriticalInstancePooling, HierarchicalAttentionPooling, cluster_mass
 
 
 class JointScaleMIL(MILBase):

@@ -21,39 +21,10 @@ import torch
 from torch import nn
 
 from scripts.mil.base import MILBase
+from scripts.mil.pooling import AttentionScore, HierarchicalPool, attention_pool, classifier_head
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax over ``dim`` ignoring masked entries; rows with no valid entry get all zeros."""
-    scores = scores.masked_fill(~mask, -1e4)
-    w = torch.softmax(scores, dim=dim) * mask.to(scores.dtype)
-    return w / w.sum(dim=dim, keepdim=True).clamp_min(1e-12)
-
-
-def attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention pooling over the last-but-one axis: ``values`` [..., N, H], ``scores`` and ``mask`` [..., N] ->
-    weights [..., N] (masked softmax) and the weighted sum [..., H]. The one pooling step of CS-MIL, the
-    attention baselines and the fusion ablation (hierarchical pooling applies it inside clusters, then over them).
-    """
-    w = masked_softmax(scores, mask, dim=-1)
-    return w, (w.unsqueeze(-1) * values).sum(dim=-2)
-
-
-class AttentionScore(nn.Module):
-    """``w^T act(V h)``: hidden -> attn_hidden -> 1 score per instance."""
-
-    def __init__(self, hidden: int, attn_hidden: int, activation: str = "tanh") -> None:
-        super().__init__()
-        acts = {"tanh": nn.Tanh(), "relu": nn.ReLU()}
-        if activation not in acts:
-            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-        self.net = nn.Sequential(nn.Linear(hidden, attn_hidden), acts[activation], nn.Linear(attn_hidden, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h).squeeze(-1)
-
-
-class CSMIL(MILBase):
+class CSMIL(HierarchicalPool, MILBase):
     """Cross-scale attention MIL network.
 
     Args:
@@ -102,7 +73,7 @@ class CSMIL(MILBase):
         )
         self.instance_attention = AttentionScore(hidden, attn_hidden, "tanh")
         self.cluster_attention = AttentionScore(hidden, attn_hidden, "tanh")
-        self.head = nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, num_classes))
+        self.head = classifier_head(hidden, dropout, num_classes)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised bags [B, S, N, D] -> MI-FCN embeddings [B, S, N, H]."""
@@ -141,13 +112,7 @@ class CSMIL(MILBase):
         a_scale = self._scale_weights(h)  # [B, N, S]
         f = (h * a_scale.permute(0, 2, 1).unsqueeze(-1)).sum(dim=1)  # [B, N, H]
         if self.hierarchical:
-            k = self.num_clusters
-            if n % k != 0:
-                raise ValueError(f"bag slots ({n}) must be a multiple of num_clusters ({k})")
-            fk = f.reshape(b, k, n // k, -1)
-            mk = mask.reshape(b, k, n // k)
-            a_inst, cluster_emb = attention_pool(fk, self.instance_attention(fk), mk)  # [B, K, M], [B, K, H]
-            a_clu, slide = attention_pool(cluster_emb, self.cluster_attention(cluster_emb), mk.any(dim=-1))  # [B, K]
+            a_inst, a_clu, slide = self.pool_clusters(f, mask)  # [B, K, M], [B, K], [B, H]
             patch = (a_inst * a_clu.unsqueeze(-1)).reshape(b, n)
             a_inst = a_inst.reshape(b, n)
         else:
