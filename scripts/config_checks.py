@@ -85,7 +85,7 @@ RULES: dict[str, Rule] = {
     "cluster_scale_mpp": _pos("scale whose features are clustered (one of scales_mpp)"),
     "bag_per_cluster": _int("bag slots per cluster"),
     "bag_replacement": Rule("bool", "draw bag slots with replacement"),
-    "mil_model": Rule("model", "the MIL model trained (scripts/mil/baselines.py MODELS)"),
+    "mil_model": Rule("model", "the MIL model trained (scripts/mil/registry.py MODELS)"),
     # training
     "val_fraction": Rule("fraction", "validation share of the patients", 0.0, 1.0, open_low=True),
     "bags_per_slide": _int("training bags per slide per epoch"),
@@ -172,7 +172,7 @@ def _writable_dir(key: str, value: Any) -> None:
 def _model(key: str, name: Any) -> None:
     import difflib
 
-    from scripts.mil.baselines import MODELS
+    from scripts.mil.registry import MODELS
 
     if name not in MODELS:
         close = difflib.get_close_matches(str(name), list(MODELS), n=1, cutoff=0.6)

@@ -118,7 +118,7 @@ DEFAULT_MIL_MODEL = ConfigParser(yaml.safe_load((ROOT / "configs" / "train.yaml"
 
 def default_network(in_features: int = 128, **kw):
     """The default MIL network as configs/train.yaml builds it (128 = the demo's ``tiny`` encoder)."""
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
 
     return build_model(DEFAULT_MIL_MODEL, in_features=in_features, **kw)
 

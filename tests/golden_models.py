@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.mil.baselines import MODELS, build_model  # noqa: E402
+from scripts.mil.registry import MODELS, build_model  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_mil_models.json"
 

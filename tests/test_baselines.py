@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.mil.baselines import MODELS, build_model
+from scripts.mil.registry import MODELS, build_model
 
 S, K, M, D = 3, 4, 3, 8
 

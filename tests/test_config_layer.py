@@ -374,7 +374,7 @@ def test_the_trained_model_builds_everything_from_the_checkpoint(tmp_path, caplo
     import torch
 
     from scripts.mil import contract
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
     from scripts.mil.trained import TrainedModel
 
     fresh = TrainedModel(tmp_path / "none.pt")  # a fresh clone: the training defaults (the Zoo's tools need network_def)
@@ -423,7 +423,7 @@ def test_checkpoint_contract_round_trip_and_old_checkpoints(tmp_path, caplog):
 
     from scripts.inference.predict import load_network
     from scripts.mil import contract
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
 
     settings = dict(mil_model="dsmil", scales_mpp=[0.5, 1.0, 2.0], patch_size=256, num_clusters=8, cluster_scale_mpp=2.0,
                     encoder_arch="tiny", in_features=16, label_map={"0": 0, "1": 1})
@@ -460,7 +460,7 @@ def test_inference_refuses_other_encoders_before_encoding(tmp_path):
     from scripts.errors import BundleInputError
     from scripts.features.encoders import build_scale_encoders, encoder_signature
     from scripts.mil import contract
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
 
     trained = build_scale_encoders("tiny", 3, seed=0)
     net = contract.attach(build_model("dsmil", in_features=128), {"encoders": [encoder_signature(e, "tiny") for e in trained]})
@@ -559,7 +559,7 @@ def test_a_nested_override_of_the_preprocessing_reaches_inference_and_the_export
 
     from scripts.features.extraction import transform_signature
     from scripts.mil import contract
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
     from scripts.mil.trained import TrainedModel
 
     p = pipeline_parser({"preprocessing#read_cell_um": 512.0, "preprocessing#mean": [0.5, 0.5, 0.5]})

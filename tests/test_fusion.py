@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scripts.mil.baselines import build_model
+from scripts.mil.registry import build_model
 from scripts.mil.fusion import JointScaleMIL
 from scripts.mil.networks import CSMIL
 
@@ -39,7 +39,7 @@ def test_registered_as_csmil_joint_beside_the_configured_default():
 
 
 def test_concatenation_baseline_maps_split_the_lesion_score_by_scale():
-    from scripts.mil.baselines import DSMIL
+    from scripts.mil.dsmil import DSMIL
 
     torch.manual_seed(0)
     net = DSMIL(in_features=D, num_scales=S, num_clusters=K).eval()
@@ -64,7 +64,7 @@ def test_concatenation_baseline_maps_split_the_lesion_score_by_scale():
 
 
 def test_starts_as_the_concatenation_baseline_with_uniform_scale_weights():
-    from scripts.mil.baselines import DSMIL
+    from scripts.mil.dsmil import DSMIL
 
     x, mask = torch.randn(3, 3, 16, 24), torch.rand(3, 16) > 0.3
     mask[:, 0] = True

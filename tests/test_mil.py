@@ -147,7 +147,7 @@ def test_one_bag_ensemble_for_validation_inference_and_evaluation(tmp_path):
 @pytest.mark.parametrize("name", ["csmil", "deepattnmisl_20x", "gated_attention_multiscale", "csmil_flat", "ablation_attention_pooling"])
 def test_attention_pool_is_the_pooling_of_every_attention_model(name):
     """Hierarchical pooling through attention_pool: weights sum to 1 in every non-empty cluster and over clusters."""
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
     from scripts.mil.pooling import attention_pool
 
     v, s = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3)

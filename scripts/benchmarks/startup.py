@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="csmil-bench-startup-"))
     manifest = demo_cohort(work / "demo", num_slides=1, size=1536)
-    from scripts.mil.baselines import build_model
+    from scripts.mil.registry import build_model
     from scripts.workflows.pipeline_config import pipeline_parser
 
     parser = pipeline_parser()

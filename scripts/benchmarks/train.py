@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from scripts.benchmarks.common import report, timed
-from scripts.mil.baselines import MODELS, build_model
+from scripts.mil.registry import MODELS, build_model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from scripts.cache import stable_hash
 from scripts.features.store import FeatureEntry
 from scripts.inference.outputs import entry_localisation
 from scripts.inference.predict import bag_probability, load_network, patch_attention, scale_name
-from scripts.mil.baselines import MODELS
+from scripts.mil.registry import MODELS
 from scripts.workflows.splits import protocol_splits
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run_config_key(config: Mapping[str, Any]) -> dict:
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the report: a model of :data:`scripts.mil.baselines.MODELS` plus ``train.yaml`` overrides."""
+    """One row of the report: a model of :data:`scripts.mil.registry.MODELS` plus ``train.yaml`` overrides."""
 
     name: str
     model: str

@@ -66,7 +66,7 @@ class TrainedModel:
 
     def network_def(self) -> torch.nn.Module:
         """A fresh network of the trained architecture (``network_def`` of the Zoo's tools)."""
-        from scripts.mil.baselines import build_model
+        from scripts.mil.registry import build_model
 
         return build_model(self.mil_model, in_features=self.in_features, num_scales=self.num_scales, num_clusters=self.num_clusters)
 

@@ -1,0 +1,44 @@
+"""Every MIL model of the bundle by name (``mil_model``, ``eval_models``): the paper's Table 1 baselines and Table 3
+CS-MIL variants, CS-MIL-joint and its ablations. One model per module: :mod:`scripts.mil.networks` (CSMIL),
+:mod:`scripts.mil.fusion` (JointScaleMIL), :mod:`scripts.mil.attention_mil` (AttentionMIL), :mod:`scripts.mil.dsmil`
+(DSMIL), all on :class:`scripts.mil.base.MILBase`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from scripts.mil.attention_mil import AttentionMIL
+from scripts.mil.dsmil import DSMIL
+from scripts.mil.fusion import JointScaleMIL
+from scripts.mil.networks import CSMIL
+
+#: the paper's Table 1 / Table 3 models by name (constructor, keyword arguments)
+MODELS: dict[str, tuple[type, dict]] = {
+    "deepattnmisl_20x": (AttentionMIL, {"scale_mode": "select", "scale": 0}),
+    "deepattnmisl_10x": (AttentionMIL, {"scale_mode": "select", "scale": 1}),
+    "deepattnmisl_5x": (AttentionMIL, {"scale_mode": "select", "scale": 2}),
+    "gated_attention_multiscale": (AttentionMIL, {"scale_mode": "instances", "pooling": "flat", "gated": True}),
+    "deepattnmisl_multiscale": (AttentionMIL, {"scale_mode": "instances"}),
+    "mdmil": (AttentionMIL, {"scale_mode": "sum"}),
+    "dsmil": (DSMIL, {}),
+    "csmil": (CSMIL, {}),
+    "csmil_shared_tanh": (CSMIL, {"scale_activation": "tanh"}),
+    "csmil_nonshared_relu": (CSMIL, {"share_scale_kernel": False}),
+    "csmil_nonshared_tanh": (CSMIL, {"share_scale_kernel": False, "scale_activation": "tanh"}),
+    "csmil_reference": (CSMIL, {"scale_softmax": False, "pooling": "flat"}),
+    "csmil_flat": (CSMIL, {"pooling": "flat"}),
+    "csmil_joint": (JointScaleMIL, {}),
+    # ablations of csmil_joint (docs/evaluation.md): the paper's fusion with critical-instance pooling, and the
+    # joint fusion with the paper's hierarchical attention pooling
+    "ablation_paper_fusion": (JointScaleMIL, {"fusion": "paper"}),
+    "ablation_attention_pooling": (JointScaleMIL, {"pooling": "hierarchical"}),
+}
+
+
+def build_model(name: str, in_features: int, num_scales: int = 3, num_clusters: int = 8, **overrides) -> nn.Module:
+    """One of :data:`MODELS` by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    cls, kw = MODELS[name]
+    return cls(in_features=in_features, num_scales=num_scales, num_clusters=num_clusters, **{**kw, **overrides})
