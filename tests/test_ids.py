@@ -92,3 +92,16 @@ def test_inference_with_hostile_ids_writes_only_inside_its_folders(trained, tmp_
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(folder_name(s) for s in hostile)
     assert not [p for p in written if p.name.startswith(".tmp-")]
     assert not os.path.exists(tmp_path / "escape") and not os.path.exists(tmp_path / "deep" / "escape")
+
+
+def test_a_folder_of_slides_whose_names_differ_only_in_case_is_refused(tmp_path):
+    from scripts.errors import BundleInputError
+    from scripts.inference.inputs import input_records
+
+    (tmp_path / "A1.tif").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.svs").write_bytes(b"x")
+    assert [r.slide_id for r in input_records(tmp_path)] == ["A1", "b"]
+    (tmp_path / "a1.svs").write_bytes(b"x")
+    with pytest.raises(BundleInputError, match=r"share the name \['A1', 'a1'\]"):
+        input_records(tmp_path)

@@ -67,7 +67,7 @@ def read_manifest(
     rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     if not rows:
         raise BundleInputError(manifest, "manifest has no rows", "add one row per slide")
-    records, seen, files = [], {}, {}
+    records, seen, files, folders = [], {}, {}, {}
     for i, row in enumerate(rows, start=2):  # row 1 is the header
         where = f"{manifest}:{i}"
         sid, pid = row["slide_id"], row["patient_id"]
@@ -77,11 +77,11 @@ def read_manifest(
             raise BundleInputError(where, f"empty patient_id for slide '{sid}'", "give every slide its patient's id (splits are by patient)")
         if sid in seen:
             raise BundleInputError(where, f"duplicate slide_id '{sid}' (first at row {seen[sid]})", "make slide ids unique")
-        clash = next((j for other, j in seen.items() if folder_name(other).casefold() == folder_name(sid).casefold()), None)
-        if clash is not None:
-            raise BundleInputError(where, f"slide_id '{sid}' differs from row {clash}'s only in letter case: both would share a folder on "
-                                   "case-insensitive file systems (macOS, Windows)", "make slide ids differ by more than case")
-        seen[sid] = i
+        folded = folder_name(sid).casefold()
+        if folded in folders:
+            raise BundleInputError(where, f"slide_id '{sid}' differs from row {folders[folded]}'s only in letter case: both would share a "
+                                   "folder on case-insensitive file systems (macOS, Windows)", "make slide ids differ by more than case")
+        seen[sid], folders[folded] = i, i
         if not require_labels and not row.get("label"):
             label = -1
         elif row["label"] not in label_map:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.data.ids import folder_name
+from scripts.data.ids import case_clash
 from scripts.data.manifest import SlideRecord, read_manifest
 from scripts.errors import BundleInputError
 
@@ -23,10 +23,10 @@ def input_records(source: str | Path, mpp: float | None = None, label_map: dict 
         if not files:
             raise BundleInputError(src, "folder holds no slide files", f"put slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...) or a manifest.csv in it")
         stems = [p.stem for p in files]
-        keys = [folder_name(s).casefold() for s in stems]  # names that differ only in case share a folder on macOS/Windows
-        dupes = sorted({s for s, k in zip(stems, keys) if keys.count(k) > 1})
-        if dupes:
-            raise BundleInputError(src, f"several slides share the name(s) {dupes[:3]}", "rename them or pass a manifest with unique slide ids")
+        clash = case_clash(stems)  # the same name, or names that differ only in case (one folder on macOS/Windows)
+        if clash is not None:
+            raise BundleInputError(src, f"several slides share the name {sorted({stems[clash[0]], stems[clash[1]]})} (letter case aside)",
+                                   "rename them or pass a manifest with unique slide ids")
         records = [SlideRecord(p.stem, p.stem, str(p), -1) for p in files]
     elif src.is_file():
         records = [SlideRecord(src.stem, src.stem, str(src), -1)]
