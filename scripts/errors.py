@@ -56,8 +56,14 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_SHORT_WRITE)
 
 
-def disk_full_error(exc: BaseException, folder: str | os.PathLike | None, what: str) -> DiskFullError:
-    """The one-line error for a failed write of ``what`` into ``folder``."""
+def disk_full_error(exc: BaseException, folder: str | os.PathLike | None = None, what: str | None = None) -> DiskFullError:
+    """The one-line error for a failed write of ``what`` into ``folder`` (by default the file and folder the
+    error names, if it names one)."""
+    name = getattr(exc, "filename", None)
+    if folder is None and name:
+        folder = os.path.dirname(str(name))
+    if what is None:
+        what = f"'{os.path.basename(str(name))}'" if name else "a file"
     if isinstance(exc, DiskFullError):
         detail = exc.detail
     else:
@@ -99,10 +105,7 @@ def find_input_error(exc: BaseException | None) -> BundleInputError | None:
     if found is not None:
         return found
     full = next((e for e in exception_chain(exc) if is_disk_full(e)), None)
-    if full is None:
-        return None
-    name = getattr(full, "filename", None)
-    return disk_full_error(full, os.path.dirname(str(name)) if name else None, f"'{os.path.basename(str(name))}'" if name else "a file")
+    return None if full is None else disk_full_error(full)
 
 
 def _excepthook(

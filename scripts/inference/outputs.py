@@ -69,7 +69,7 @@ def write_slide_outputs(
     patch_size = int(tiles_meta["tiling"]["patch_size"])  # as the slide was tiled (the config's patch_size)
     footprint = patch_size * min(scales_mpp) / slide_mpp  # the finest scale's patch square, level-0 px
     # the folder is complete or absent: written under a temporary name, then renamed (ids are data, not paths)
-    with writing(out, f"the maps and prediction of slide '{entry.slide_id}'"), atomic_dir(out / folder_name(entry.slide_id), replace=True) as sdir:
+    with atomic_dir(out / folder_name(entry.slide_id), f"the maps and prediction of slide '{entry.slide_id}'", replace=True) as sdir:
         with SlideReader(tiles_meta["path"], backend=tiles_meta["tiling"]["backend"], mpp=slide_mpp, mpp_force=True) as slide:
             thumb = slide.thumbnail(overlay_mpp)
         thumb_scale = slide.size[1] / thumb.shape[1]

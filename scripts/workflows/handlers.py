@@ -151,9 +151,7 @@ class OneLineErrors:
             raise e  # an interrupt (SystemExit, KeyboardInterrupt) or bad input: one line, printed by the command
         full = next((c for c in exception_chain(e) if is_disk_full(c)), None)
         if full is not None and not debug():
-            name = getattr(full, "filename", None)
-            folder = self.folder if self.folder is not None else (Path(name).parent if name else None)
-            raise disk_full_error(full, folder, self.what) from e
+            raise disk_full_error(full, self.folder, self.what) from e
         if not others:
             raise e  # ignite swallows an exception that no EXCEPTION_RAISED handler raises
         # any other error: the next handler (MONAI's StatsHandler) logs its traceback and raises it
