@@ -167,7 +167,7 @@ def case_inference_folder_without_slides(tmp):
 
 
 def case_features_with_nan(tmp):
-    from scripts.mil.bags import BagDataset
+    from scripts.data.bags import BagDataset
 
     f = np.random.default_rng(0).normal(size=(16, 3, 8))
     f[3, 1, 2] = np.nan
@@ -326,7 +326,7 @@ def case_manifest_bad_split(tmp):
 
 
 def _contract_checkpoint(tmp):
-    from scripts.mil import contract
+    from scripts.checkpoint import contract
     from scripts.mil.networks import CSMIL
 
     net = contract.attach(CSMIL(in_features=16, num_clusters=4), contract.make_contract(
@@ -337,7 +337,7 @@ def _contract_checkpoint(tmp):
 
 
 def case_checkpoint_other_settings(tmp):
-    from scripts.mil.trained import TrainedModel
+    from scripts.checkpoint.trained import TrainedModel
 
     _contract_checkpoint(tmp)
     TrainedModel(tmp / "model.pt", {"scales_mpp": [0.5, 2.0]})  # inference / export with --scales_mpp "[0.5,2.0]"
@@ -378,7 +378,7 @@ def case_evaluate_overlay_alone(tmp):
 def case_checkpoint_other_encoders(tmp):
     from types import SimpleNamespace
 
-    from scripts.mil import contract
+    from scripts.checkpoint import contract
 
     net = _contract_checkpoint(tmp)
     net.csmil_contract["encoders"] = [{"arch": "tiny", "weights_sha": "aaaa"}]

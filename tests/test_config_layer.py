@@ -122,7 +122,7 @@ def test_a_flat_override_reaches_every_stage_that_uses_it():
 def test_values_that_live_in_two_files_do_not_drift():
     """Where MONAI has no include: the checkpoint-less defaults of inference/export (contract.DEFAULTS) are
     train.yaml's values, and the run-time ids shared by inference.yaml, deploy.yaml and train.yaml agree."""
-    from scripts.mil.contract import DEFAULTS
+    from scripts.checkpoint.contract import DEFAULTS
 
     p = pipeline_parser()
     assert {k: p.get_parsed_content(k) for k in DEFAULTS} == DEFAULTS
@@ -246,7 +246,7 @@ def test_model_zoo_checks_on_the_bundle_packed_as_the_zoo_packs_it(trained, cmu_
 
 def test_preprocessing_signature_is_derived_from_the_transforms():
     from scripts.features.extraction import transform_signature
-    from scripts.mil.trained import TrainedModel
+    from scripts.checkpoint.trained import TrainedModel
 
     base = transform_signature(pipeline_parser().get_parsed_content("preprocessing"))
     assert base == transform_signature(pipeline_parser().get_parsed_content("preprocessing"))  # deterministic
@@ -373,9 +373,9 @@ def test_the_trained_model_builds_everything_from_the_checkpoint(tmp_path, caplo
     preprocessing from its contract; a conflicting setting stops naming both values; free ones replace the stored."""
     import torch
 
-    from scripts.mil import contract
+    from scripts.checkpoint import contract
     from scripts.mil.registry import build_model
-    from scripts.mil.trained import TrainedModel
+    from scripts.checkpoint.trained import TrainedModel
 
     fresh = TrainedModel(tmp_path / "none.pt")  # a fresh clone: the training defaults (the Zoo's tools need network_def)
     assert fresh.settings == contract.DEFAULTS and fresh.in_features == 128
@@ -422,7 +422,7 @@ def test_checkpoint_contract_round_trip_and_old_checkpoints(tmp_path, caplog):
     import torch
 
     from scripts.inference.predict import load_network
-    from scripts.mil import contract
+    from scripts.checkpoint import contract
     from scripts.mil.registry import build_model
 
     settings = dict(mil_model="dsmil", scales_mpp=[0.5, 1.0, 2.0], patch_size=256, num_clusters=8, cluster_scale_mpp=2.0,
@@ -459,7 +459,7 @@ def test_prepare_from_another_folder_builds_the_demo_where_told(tmp_path):
 def test_inference_refuses_other_encoders_before_encoding(tmp_path):
     from scripts.errors import BundleInputError
     from scripts.features.encoders import build_scale_encoders, encoder_signature
-    from scripts.mil import contract
+    from scripts.checkpoint import contract
     from scripts.mil.registry import build_model
 
     trained = build_scale_encoders("tiny", 3, seed=0)
@@ -479,7 +479,7 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     import torch
 
     from scripts.deploy.runtime import DeployModels
-    from scripts.mil.contract import read_file
+    from scripts.checkpoint.contract import read_file
 
     shutil.copytree(trained / "out" / "cache", tmp_path / "cache")  # tiles and features; clusters are made again (k = 4)
     data = dict(dataset_dir=str(trained / "demo"), cache_dir=str(tmp_path / "cache"), ckpt_dir=str(tmp_path / "models"))
@@ -487,12 +487,12 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     run_bundle("train.yaml", output_dir=str(tmp_path / "train"), max_epochs=1, val_fraction=0.5, **settings, **data)
     trained_with = read_file(tmp_path / "models" / "model.pt")
     assert (trained_with["num_clusters"], trained_with["mil_model"], trained_with["seed"], trained_with["bag_per_cluster"]) == (4, "csmil", 3, 4)
-    with caplog.at_level("INFO", logger="scripts.mil.trained"):
+    with caplog.at_level("INFO", logger="scripts.checkpoint.trained"):
         run_bundle("inference.yaml", output_dir=str(tmp_path / "pred"), num_bags=5, **data)  # no training setting given
     assert "settings from the checkpoint" in caplog.text and "num_clusters=4" in caplog.text
     rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
     assert len(rows) == 4 and all(0 <= float(x["probability"]) <= 1 for x in rows)
-    from scripts.mil.trained import TrainedModel  # a contradicting override: one line (as a command: test_bad_inputs' table)
+    from scripts.checkpoint.trained import TrainedModel  # a contradicting override: one line (as a command: test_bad_inputs' table)
 
     with pytest.raises(BundleInputError, match="num_clusters = 4 but this run has num_clusters = 8"):
         TrainedModel(tmp_path / "models" / "model.pt", {"num_clusters": 8})
@@ -504,13 +504,13 @@ def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_
     old.parent.mkdir()
     torch.save(dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True)), old)
     assert read_file(old) is None
-    from scripts.mil.upgrade_checkpoint import main as upgrade_main
+    from scripts.checkpoint.upgrade import main as upgrade_main
 
     assert upgrade_main([str(old), "--output_dir", str(tmp_path / "train"), *[x for k, v in settings.items() for x in (f"--{k}", str(v))]]) == 0
     upgraded = read_file(old)
     assert upgraded.pop("upgraded_from") == "model.pt" and upgraded == trained_with
     assert (old.parent / "model.pt.orig").is_file()
-    from scripts.mil.upgrade_checkpoint import upgrade
+    from scripts.checkpoint.upgrade import upgrade
 
     with pytest.raises(BundleInputError, match="already carries"):  # a second upgrade is refused
         upgrade(old)
@@ -558,9 +558,9 @@ def test_a_nested_override_of_the_preprocessing_reaches_inference_and_the_export
     import torch
 
     from scripts.features.extraction import transform_signature
-    from scripts.mil import contract
+    from scripts.checkpoint import contract
     from scripts.mil.registry import build_model
-    from scripts.mil.trained import TrainedModel
+    from scripts.checkpoint.trained import TrainedModel
 
     p = pipeline_parser({"preprocessing#read_cell_um": 512.0, "preprocessing#mean": [0.5, 0.5, 0.5]})
     trained_chain = transform_signature(p.get_parsed_content("preprocessing"))

@@ -10,8 +10,8 @@ import torch
 
 from conftest import ROOT
 
-from scripts.mil.bags import gather_bag, sample_bag
-from scripts.mil.engine import BagEnsembleInferer
+from scripts.data.bags import gather_bag, sample_bag
+from scripts.workflows.engine import BagEnsembleInferer
 from scripts.mil.networks import CSMIL
 
 GOLDEN_MODELS = ROOT / "tests" / "data" / "golden_mil_models.json"
@@ -125,8 +125,8 @@ def test_one_bag_ensemble_for_validation_inference_and_evaluation(tmp_path):
     slide, whatever its position among the other slides."""
     from feature_cohort import cross_scale_cohort
     from scripts.inference.predict import bag_probability
-    from scripts.mil.bags import SlideBagsDataset, slide_bags
-    from scripts.mil.engine import BagEnsembleInferer
+    from scripts.data.bags import SlideBagsDataset, slide_bags
+    from scripts.workflows.engine import BagEnsembleInferer
 
     entries = cross_scale_cohort(tmp_path / "store", num_patients=4)
     forward = SlideBagsDataset(entries, num_clusters=4, per_cluster=3, num_bags=5, seed=7)

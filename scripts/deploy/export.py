@@ -9,7 +9,7 @@ Layout (MONAI Deploy's "named model" repository: one folder per model, one file 
     <deploy_dir>/encoder_5x/model.ts
 
 ``settings.json`` holds everything the application needs besides the weights (scales, tiling, the patch
-preprocessing as a MONAI config section, clustering, bag sampling: :meth:`scripts.mil.trained.TrainedModel.deploy_settings`,
+preprocessing as a MONAI config section, clustering, bag sampling: :meth:`scripts.checkpoint.trained.TrainedModel.deploy_settings`,
 from the checkpoint's contract), so the app never reads the bundle's configs and the exported models cannot drift
 from the settings they were trained with.
 """
@@ -29,7 +29,7 @@ from scripts.cache import atomic_dir
 from scripts.features.encoder_files import input_settings
 from scripts.errors import BundleInputError
 from scripts.inference.predict import scale_name
-from scripts.mil.contract import check_encoders
+from scripts.checkpoint.contract import check_encoders
 
 logger = logging.getLogger(__name__)
 

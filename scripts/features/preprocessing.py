@@ -1,11 +1,11 @@
 """The patch preprocessing: co-centred multi-scale reading, then the intensity chain, as MONAI transforms.
 
 One definition for every place that makes features: the data stages (``preprocessing`` in configs/train.yaml),
-inference and the Deploy export (built from the checkpoint's settings, :class:`scripts.mil.trained.TrainedModel`)
+inference and the Deploy export (built from the checkpoint's settings, :class:`scripts.checkpoint.trained.TrainedModel`)
 and the Deploy app (from :func:`preprocessing_section` in the exported settings). The feature store hashes the
 transforms' own settings (:func:`scripts.features.extraction.transform_signature`), so a change of any value
 (patch size, mean/std, scales) makes new features, and a model refuses features made otherwise
-(:func:`scripts.mil.contract.check_features`). Extraction moves the intensity part onto the encoder's device
+(:func:`scripts.checkpoint.contract.check_features`). Extraction moves the intensity part onto the encoder's device
 (:mod:`scripts.features.device_preprocessing`), with the same arithmetic.
 """
 

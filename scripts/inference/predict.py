@@ -16,8 +16,8 @@ import torch
 from scripts.errors import BundleInputError
 from scripts.features.encoders import check_state_matches
 from scripts.features.store import FeatureEntry
-from scripts.mil import contract as contracts
-from scripts.mil.bags import gather_bag, slide_bags
+from scripts.checkpoint import contract as contracts
+from scripts.data.bags import gather_bag, slide_bags
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def load_network(network: torch.nn.Module, ckpt_path: str | Path, device: str | torch.device = "cpu",
                  contract: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Load a MIL checkpoint (``weights_only=True``) into ``network``; mismatches are listed. With ``contract``
-    (the command's settings, :func:`scripts.mil.contract.make_contract`), settings that differ from those the
+    (the command's settings, :func:`scripts.checkpoint.contract.make_contract`), settings that differ from those the
     checkpoint was trained with are refused first; the checkpoint's contract is kept as ``network.csmil_contract``."""
     ckpt_path = Path(ckpt_path)
     state = contracts.read_checkpoint(ckpt_path)
@@ -64,7 +64,7 @@ def bag_probability(
     network: torch.nn.Module, entry: FeatureEntry, num_clusters: int, per_cluster: int, num_bags: int = 100,
     replacement: bool = False, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 25,
 ) -> float:
-    """Mean probability of class 1 over the slide's ``num_bags`` fixed bags (:func:`scripts.mil.bags.slide_bags`,
+    """Mean probability of class 1 over the slide's ``num_bags`` fixed bags (:func:`scripts.data.bags.slide_bags`,
     the paper's test protocol, the same bags as validation); bags go through the network ``chunk`` at a time."""
     feats, clusters = entry.features(), entry.clusters()
     if clusters is None:

@@ -143,16 +143,16 @@ def normalise_and_validate(parser: ConfigParser) -> None:
 
 
 def trained_ids() -> tuple[str, ...]:
-    """The settings a trained model carries (:data:`scripts.mil.contract.DEFAULTS`): inference and export take them
+    """The settings a trained model carries (:data:`scripts.checkpoint.contract.DEFAULTS`): inference and export take them
     from the checkpoint; on their command lines they are checked against it, not added."""
-    from scripts.mil.contract import DEFAULTS
+    from scripts.checkpoint.contract import DEFAULTS
 
     return tuple(DEFAULTS)
 
 
 def given_trained_settings() -> dict[str, Any]:
     """The trained settings the current command sets (``--num_clusters 4`` on inference): compared with the
-    checkpoint by :class:`scripts.mil.trained.TrainedModel`."""
+    checkpoint by :class:`scripts.checkpoint.trained.TrainedModel`."""
     parser = current_parser()
     return {k: parser.get_parsed_content(k) for k in trained_ids() if k in parser}
 

@@ -6,9 +6,9 @@ state-dict hook), so ``model.pt`` stays a plain state dict that MONAI's ``ckpt_e
 (scales, patch size, encoder architecture and weights, preprocessing), how bags are built (clusters), the label
 map, the tiling, the model and the bundle version. Training records it (:func:`config_contract`, the ids of
 :data:`SETTINGS` and :data:`TAKEN` of the training config); inference and the Deploy export build everything from
-it (:class:`scripts.mil.trained.TrainedModel`) and refuse a command-line setting that contradicts it with one
+it (:class:`scripts.checkpoint.trained.TrainedModel`) and refuse a command-line setting that contradicts it with one
 line naming both values (:func:`check_settings`, :func:`check_encoders`, :func:`check_features`). A weights-only checkpoint of 0.11 or earlier gets its contract
-with ``python -m scripts.mil.upgrade_checkpoint`` (:mod:`scripts.mil.upgrade_checkpoint`).
+with ``python -m scripts.checkpoint.upgrade`` (:mod:`scripts.checkpoint.upgrade`).
 """
 
 from __future__ import annotations

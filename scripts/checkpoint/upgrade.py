@@ -2,7 +2,7 @@
 
 ::
 
-    python -m scripts.mil.upgrade_checkpoint models/model.pt [--output new.pt] [--<id> <value> ...]
+    python -m scripts.checkpoint.upgrade models/model.pt [--output new.pt] [--<id> <value> ...]
 
 The ``--<id> <value>`` pairs are the pipeline config overrides the model was *trained* with (as given to
 ``run training``, e.g. ``--mil_model csmil --encoder_arch resnet50 --encoder_weights "[...]"``); the ids not given
@@ -28,7 +28,7 @@ import torch
 
 from scripts.cache import atomic_write_bytes, stable_hash
 from scripts.errors import BundleInputError
-from scripts.mil import contract as contracts
+from scripts.checkpoint import contract as contracts
 
 logger = logging.getLogger(__name__)
 

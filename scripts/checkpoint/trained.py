@@ -1,12 +1,12 @@
 """A trained model as inference and the Deploy export use it: everything built from the checkpoint's contract.
 
 ``configs/inference.yaml`` and ``configs/deploy.yaml`` read ``models/model.pt`` with one expression
-(``trained: $scripts.mil.trained.TrainedModel(@ckpt_path, ...)``) and take the network, the encoders, the patch
+(``trained: $scripts.checkpoint.trained.TrainedModel(@ckpt_path, ...)``) and take the network, the encoders, the patch
 preprocessing, the tiling and the bag settings from it, so they declare no training setting. A setting given on
-the command line is compared with the checkpoint: the ids of :data:`scripts.mil.contract.SETTINGS` must agree (one
-line naming both values otherwise), those of :data:`scripts.mil.contract.TAKEN` (seed, encoder weights, ...)
+the command line is compared with the checkpoint: the ids of :data:`scripts.checkpoint.contract.SETTINGS` must agree (one
+line naming both values otherwise), those of :data:`scripts.checkpoint.contract.TAKEN` (seed, encoder weights, ...)
 replace the checkpoint's. Without a checkpoint (a fresh clone) the settings are the training config's defaults
-(:data:`scripts.mil.contract.DEFAULTS`), so the Model Zoo's tools can build ``network_def``; loading the weights
+(:data:`scripts.checkpoint.contract.DEFAULTS`), so the Model Zoo's tools can build ``network_def``; loading the weights
 then says to train first.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from scripts.mil import contract as contracts
+from scripts.checkpoint import contract as contracts
 
 logger = logging.getLogger(__name__)
 
