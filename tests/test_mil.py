@@ -161,6 +161,14 @@ def test_attention_pool_is_the_pooling_of_every_attention_model(name):
     assert torch.allclose(torch.jit.script(net)(x, mask), net(x, mask), atol=1e-6)
 
 
+def test_every_registry_model_has_a_recorded_output():
+    """A model added to the registry is recorded too (python tests/golden_models.py adds it), so its numbers are
+    guarded from then on."""
+    from scripts.mil.registry import MODELS
+
+    assert set(MODELS) == set(json.loads(GOLDEN_MODELS.read_text()))
+
+
 @pytest.mark.parametrize("name", sorted(json.loads(GOLDEN_MODELS.read_text())))
 def test_every_model_keeps_its_recorded_outputs(name):
     """Refactoring scripts/mil keeps every model's state-dict keys (old checkpoints load) and outputs

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 TABLE1 = ["deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x", "gated_attention_multiscale", "deepattnmisl_multiscale",
           "mdmil", "dsmil", "csmil", "csmil_joint"]
 TABLE3 = ["csmil", "csmil_shared_tanh", "csmil_nonshared_relu", "csmil_nonshared_tanh", "csmil_reference", "csmil_flat"]
+#: heads from the field (ABMIL, TransMIL, CLAM-SB, MONAI MILModel), in their own table
+FIELD = ["abmil_20x", "abmil_concat", "transmil_20x", "transmil_concat", "clam_sb_20x", "clam_sb_concat", "monai_att_20x",
+         "monai_att_concat", "monai_att_trans_20x", "monai_att_trans_concat", "monai_att_trans_pyramid"]
 SUMMARY_KEYS = ("auc", "ap", "accuracy", "balanced_accuracy", "brier")
 
 
@@ -160,9 +163,13 @@ def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png",
         f"'mean ± sd' is over splits; 'combined' is the {combined_what}, with {p['bootstrap_resamples']} bootstrap resamples "
         f"of {p['bootstrap_unit']}s (seed {p['seed']}) for the 95% CIs.", "",
     ]
-    t1 = [n for n in TABLE1 if n in names] + [n for n in names if n not in TABLE1 and n not in TABLE3 and "[" not in n]
+    t1 = [n for n in TABLE1 if n in names] + [n for n in names if n not in TABLE1 and n not in TABLE3 and n not in FIELD and "[" not in n]
     if t1:
         lines += ["## Table 1: CS-MIL and the multi-scale baselines", "", *_model_table(report, t1), ""]
+    field = [n for n in FIELD if n in names]
+    if field:
+        lines += ["## Heads from the field: ABMIL, TransMIL, CLAM-SB, MONAI MILModel (20x alone / scales concatenated)", "",
+                  *_model_table(report, field), ""]
     if report["comparisons"]:
         lines += [f"## Table 2: {p['reference']} against each model (paired, two-tailed, combined predictions)", "",
                   "| model | AUC | ΔAUC (reference − model) | bootstrap 95% CI of Δ | bootstrap p | DeLong z | DeLong p |", "|---|---|---|---|---|---|---|"]

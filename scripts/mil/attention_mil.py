@@ -13,23 +13,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from scripts.mil.base import MILBase
+from scripts.mil.base import MILBase, combine_scales, view_dim, view_scale_weights
 from scripts.mil.pooling import AttentionScore, GatedScore, HierarchicalPool, attention_pool, classifier_head, cluster_mass
-
-
-def _combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S, N, D] -> instances [B, N', D'] (cluster-major) and mask [B, N']."""
-    b, s, n, d = x.shape
-    if mode == "select":
-        return x[:, scale], mask
-    if mode == "sum":
-        return x.sum(dim=1), mask
-    if mode == "concat":
-        return x.permute(0, 2, 1, 3).reshape(b, n, s * d), mask
-    # instances: each cluster's slots hold its M locations x S scales
-    m = n // k
-    inst = x.permute(0, 2, 1, 3).reshape(b, k, m * s, d).reshape(b, n * s, d)
-    return inst, mask.reshape(b, k, m, 1).expand(b, k, m, s).reshape(b, n * s)
 
 
 class AttentionMIL(HierarchicalPool, MILBase):
@@ -41,12 +26,10 @@ class AttentionMIL(HierarchicalPool, MILBase):
         dropout: float = 0.5, num_classes: int = 2,
     ) -> None:
         super().__init__(in_features, num_scales, num_clusters)  # input standardisation (MILBase)
-        if scale_mode not in ("select", "instances", "sum", "concat"):
-            raise ValueError(f"scale_mode must be select, instances, sum or concat, got {scale_mode!r}")
         if pooling not in ("hierarchical", "flat"):
             raise ValueError(f"pooling must be 'hierarchical' or 'flat', got {pooling!r}")
         self.scale_mode, self.scale, self.hierarchical = scale_mode, scale, pooling == "hierarchical"
-        d = in_features * (num_scales if scale_mode == "concat" else 1)
+        d = view_dim(in_features, num_scales, scale_mode)
         self.encoder = nn.Sequential(nn.Linear(d, hidden), nn.ReLU())
         # the same score module as CS-MIL's pooling (w^T tanh(V h)), or the gated one
         self.instance_attention = GatedScore(hidden, attn_hidden) if gated else AttentionScore(hidden, attn_hidden, "tanh")
@@ -71,7 +54,7 @@ class AttentionMIL(HierarchicalPool, MILBase):
         x, mask = self.prepare(x, mask)
         b, s, n, _ = x.shape
         k = self.num_clusters
-        inst, imask = _combine_scales(x, mask, self.scale_mode, self.scale, k)
+        inst, imask = combine_scales(x, mask, self.scale_mode, self.scale, k)
         h = self.encoder(inst)  # [B, N', H]
         if self.hierarchical:
             a_inst, a_clu, slide = self.pool_clusters(h, imask)  # [B, K, N'/K], [B, K], [B, H]
@@ -82,16 +65,13 @@ class AttentionMIL(HierarchicalPool, MILBase):
             patch = a_inst
             a_clu = torch.zeros(b, k, dtype=x.dtype, device=x.device)  # set from the per-location weights below
         logits = self.head(slide)
-        if self.scale_mode == "instances":  # slots per cluster: M locations x S scales (see _combine_scales)
+        if self.scale_mode == "instances":  # slots per cluster: M locations x S scales (see combine_scales)
             per_scale = patch.reshape(b, k, n // k, s)
             patch = per_scale.sum(dim=-1).reshape(b, n)
             a_inst = a_inst.reshape(b, k, n // k, s).sum(dim=-1).reshape(b, n)
             scale = (per_scale / per_scale.sum(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(b, n, s)
-        elif self.scale_mode == "select":
-            scale = torch.zeros(b, n, s, dtype=x.dtype, device=x.device)
-            scale[:, :, self.scale] = 1.0
         else:
-            scale = torch.full((b, n, s), 1.0 / s, dtype=x.dtype, device=x.device)
+            scale = view_scale_weights(self.scale_mode, self.scale, x)
         if not self.hierarchical:
             a_clu = cluster_mass(patch, k)
         return logits, {"scale": scale, "instance": a_inst, "cluster": a_clu, "patch": patch}

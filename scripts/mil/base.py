@@ -8,7 +8,10 @@ per_cluster``), D-dim patch features; ``mask`` [B, N] marks real slots (None: al
   the buffers ``input_mean`` / ``input_std``, so checkpoints and TorchScript exports carry it;
 * the shape check and the default mask (:meth:`MILBase.prepare`), one definition instead of one per model.
 
-A model implements ``forward`` (logits [B, C]) and, for the maps, ``forward_attention`` (logits and its weights).
+A model implements ``forward`` (logits [B, C]) and, for the maps, ``forward_attention`` (logits and its weights:
+``patch`` and ``instance`` [B, N], ``scale`` [B, N, S], ``cluster`` [B, K]). Models that see the scales through one
+*view* (:func:`combine_scales`: one scale, the scales concatenated or summed per location, or every scale an instance)
+and have no cross-scale attention give the scale weights of :func:`view_scale_weights`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,44 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+
+#: how a model without cross-scale attention sees the scales of a location
+SCALE_VIEWS = ("select", "instances", "sum", "concat")
+
+
+def combine_scales(x: torch.Tensor, mask: torch.Tensor, mode: str, scale: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bags [B, S, N, D] -> instances [B, N', D'] (cluster-major) and mask [B, N'] for a scale view: ``select`` one
+    scale (D' = D), ``sum`` over scales (D' = D), ``concat`` per location (D' = S * D), ``instances`` (every scale of
+    every location its own instance: N' = S * N, each cluster's slots hold its M locations x S scales)."""
+    b, s, n, d = x.shape
+    if mode == "select":
+        return x[:, scale], mask
+    if mode == "sum":
+        return x.sum(dim=1), mask
+    if mode == "concat":
+        return x.permute(0, 2, 1, 3).reshape(b, n, s * d), mask
+    m = n // k
+    inst = x.permute(0, 2, 1, 3).reshape(b, k, m * s, d).reshape(b, n * s, d)
+    return inst, mask.reshape(b, k, m, 1).expand(b, k, m, s).reshape(b, n * s)
+
+
+def view_dim(in_features: int, num_scales: int, mode: str) -> int:
+    """Feature size of one instance of a scale view (see :func:`combine_scales`)."""
+    if mode not in SCALE_VIEWS:
+        raise ValueError(f"scale_mode must be one of {', '.join(SCALE_VIEWS)}, got {mode!r}")
+    return in_features * (num_scales if mode == "concat" else 1)
+
+
+def view_scale_weights(mode: str, scale: int, x: torch.Tensor) -> torch.Tensor:
+    """Scale weights [B, N, S] of the maps for a model that sees bags ``x`` [B, S, N, D] through a view without
+    cross-scale attention: one-hot on the selected scale (``select``), uniform otherwise (every scale enters alike)."""
+    b, s, n = x.shape[0], x.shape[1], x.shape[2]
+    if mode == "select":
+        w = torch.zeros(b, n, s, dtype=x.dtype, device=x.device)
+        w[:, :, scale] = 1.0
+        return w
+    return torch.full((b, n, s), 1.0 / s, dtype=x.dtype, device=x.device)
 
 
 class MILBase(nn.Module):

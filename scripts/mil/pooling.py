@@ -42,14 +42,16 @@ class AttentionScore(nn.Module):
 
 
 class GatedScore(nn.Module):
-    """Gated attention score ``w^T (tanh(V h) * sigmoid(U h))``."""
+    """Gated attention score ``w^T (tanh(V h) * sigmoid(U h))`` (Ilse et al., 2018); ``dropout`` on both branches
+    as CLAM's gated attention network has it (0: none, the parameters are the same either way)."""
 
-    def __init__(self, hidden: int, attn_hidden: int) -> None:
+    def __init__(self, hidden: int, attn_hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.v, self.u, self.w = nn.Linear(hidden, attn_hidden), nn.Linear(hidden, attn_hidden), nn.Linear(attn_hidden, 1)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
+        return self.w(self.drop(torch.tanh(self.v(h))) * self.drop(torch.sigmoid(self.u(h)))).squeeze(-1)
 
 
 def classifier_head(hidden: int, dropout: float, num_classes: int) -> nn.Sequential:

@@ -1,17 +1,22 @@
 """Every MIL model of the bundle by name (``mil_model``, ``eval_models``): the paper's Table 1 baselines and Table 3
 CS-MIL variants, CS-MIL-joint and its ablations. One model per module: :mod:`scripts.mil.networks` (CSMIL),
 :mod:`scripts.mil.fusion` (JointScaleMIL), :mod:`scripts.mil.attention_mil` (AttentionMIL), :mod:`scripts.mil.dsmil`
-(DSMIL), all on :class:`scripts.mil.base.MILBase`.
+(DSMIL), :mod:`scripts.mil.abmil` (ABMIL), :mod:`scripts.mil.transmil` (TransMIL), :mod:`scripts.mil.clam` (CLAM-SB),
+:mod:`scripts.mil.monai_mil` (MONAI's MILModel heads), all on :class:`scripts.mil.base.MILBase`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from scripts.mil.abmil import ABMIL
 from scripts.mil.attention_mil import AttentionMIL
+from scripts.mil.clam import CLAMSB
 from scripts.mil.dsmil import DSMIL
 from scripts.mil.fusion import JointScaleMIL
+from scripts.mil.monai_mil import MONAIMIL
 from scripts.mil.networks import CSMIL
+from scripts.mil.transmil import TransMIL
 
 #: the paper's Table 1 / Table 3 models by name (constructor, keyword arguments)
 MODELS: dict[str, tuple[type, dict]] = {
@@ -33,6 +38,18 @@ MODELS: dict[str, tuple[type, dict]] = {
     # joint fusion with the paper's hierarchical attention pooling
     "ablation_paper_fusion": (JointScaleMIL, {"fusion": "paper"}),
     "ablation_attention_pooling": (JointScaleMIL, {"pooling": "hierarchical"}),
+    # heads from the field (issue 30), each on the 20x scale alone and on the scales concatenated per location
+    "abmil_20x": (ABMIL, {"scale_mode": "select", "scale": 0}),
+    "abmil_concat": (ABMIL, {"scale_mode": "concat"}),
+    "transmil_20x": (TransMIL, {"scale_mode": "select", "scale": 0}),
+    "transmil_concat": (TransMIL, {"scale_mode": "concat"}),
+    "clam_sb_20x": (CLAMSB, {"scale_mode": "select", "scale": 0}),
+    "clam_sb_concat": (CLAMSB, {"scale_mode": "concat"}),
+    "monai_att_20x": (MONAIMIL, {"mil_mode": "att", "scale_mode": "select", "scale": 0}),
+    "monai_att_concat": (MONAIMIL, {"mil_mode": "att", "scale_mode": "concat"}),
+    "monai_att_trans_20x": (MONAIMIL, {"mil_mode": "att_trans", "scale_mode": "select", "scale": 0}),
+    "monai_att_trans_concat": (MONAIMIL, {"mil_mode": "att_trans", "scale_mode": "concat"}),
+    "monai_att_trans_pyramid": (MONAIMIL, {"mil_mode": "att_trans_pyramid"}),
 }
 
 
