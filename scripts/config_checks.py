@@ -110,6 +110,8 @@ RULES: dict[str, Rule] = {
     "eval_bootstrap_resamples": _int("bootstrap resamples", 10),
     "eval_bootstrap_by_patient": Rule("bool", "resample patients, not slides"),
     "eval_verbose": Rule("bool", "per-epoch logs of every run"),
+    "eval_transformers": Rule("bool", "add eval_transformer_models (TransMIL, MONAI att_trans and pyramid) to the protocol"),
+    "eval_transformer_models": Rule("model_list", "the transformer heads --eval_transformers adds"),
     "eval_workers": _int("runs trained at once"),
     "eval_seed": _int("protocol seed (splits, initialisation, bags); cohort and features keep seed", 0),
 }

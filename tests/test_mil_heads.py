@@ -143,3 +143,25 @@ def test_new_heads_train_score_map_and_export_in_the_protocol(tmp_path):
         ts_file = tmp_path / f"{name}.ts"
         torch.jit.save(torch.jit.script(net), str(ts_file))
         _check_network(net, ts_file, len(c["scales_mpp"]), c["num_clusters"])
+
+
+def test_transformer_heads_join_the_protocol_on_request():
+    """evaluate.yaml: eval_models holds every model but the ablations and the transformer heads;
+    --eval_transformers true adds those (once, even when eval_models names one already)."""
+    from monai.bundle import ConfigParser
+
+    from conftest import ROOT
+    from scripts.mil.registry import MODELS
+
+    def models(**over):
+        p = ConfigParser()
+        p.read_config([str(ROOT / "configs" / "train.yaml"), str(ROOT / "configs" / "evaluate.yaml")])
+        p.update(over)
+        return p.get_parsed_content("evaluate#models")
+
+    transformers = ["transmil_20x", "transmil_concat", "monai_att_trans_20x", "monai_att_trans_concat", "monai_att_trans_pyramid"]
+    default = models()
+    assert not set(transformers) & set(default) and {"abmil_20x", "clam_sb_concat", "monai_att_concat"} <= set(default)
+    assert set(default) | set(transformers) == {m for m in MODELS if not m.startswith("ablation_")}
+    assert models(eval_transformers=True) == default + transformers
+    assert models(eval_transformers=True, eval_models=["dsmil", "transmil_20x"]) == ["dsmil", "transmil_20x", *transformers[1:]]
