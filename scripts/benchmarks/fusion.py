@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--seeds", default="0", help="comma-separated protocol seeds (--eval_seed), e.g. 0,1,2")
     ap.add_argument("--workers", type=int, default=2, help="eval_workers")
-    ap.add_argument("--models", default="all", help="comma-separated, or 'all' (the pipeline config's eval_models + ablations)")
+    ap.add_argument("--models", default="all", help="comma-separated, or 'all' (eval_models, eval_transformer_models and the fusion ablations)")
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the report")
     ap.add_argument("--workdir", default="outputs/bench-fusion", help="cohort, features and runs (reused when present)")
     ap.add_argument("--json", default=None)
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     if models is None:
         import yaml
 
-        models = list(yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text())["eval_models"]) + list(ABLATIONS)
+        raw = yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text())
+        models = list(raw["eval_models"]) + list(raw["eval_transformer_models"]) + list(ABLATIONS)
     t = time.perf_counter()
     reports = {}
     for seed in seeds:
