@@ -75,7 +75,6 @@ class MONAIMIL(MILBase):
             raise ValueError(f"mil_mode must be att, att_trans or att_trans_pyramid, got {mil_mode!r}")
         self.mil_mode, self.scale_mode, self.scale = mil_mode, scale_mode, scale
         self.pyramid = mil_mode == "att_trans_pyramid"
-        self.has_transformer = mil_mode != "att"
         if self.pyramid:  # MONAI's layout, levels = scales (see the module docstring)
             self.scale_mode = "concat"
             self.net = nn.Identity()

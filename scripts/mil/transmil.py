@@ -4,9 +4,9 @@ residual convolution of 33 over the values, dropout 0.1) with the PPEG positiona
 7x7, 5x5 and 3x3 convolutions on the instances laid out on a square grid), LayerNorm and a linear classifier on the
 class token.
 
-Written here because no library in the bundle's dependencies has it (the reference code imports the
-``nystrom-attention`` package, which has no mask-aware, TorchScript-ready form); the layers follow the papers
-(Xiong et al., AAAI 2021 for the Nyström approximation).
+Written here because no library in the bundle's dependencies has it: the reference code imports the
+``nystrom-attention`` package, which the bundle does not depend on, and the model must script to TorchScript for
+the Deploy export. The layers follow the papers (Xiong et al., AAAI 2021 for the Nyström approximation).
 
 Differences from the reference code, each for a reason:
 
