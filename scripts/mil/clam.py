@@ -18,7 +18,7 @@ location). Maps: the attention weights; scale weights one-hot / uniform.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class CLAMSB(MILBase):
         self.attention = GatedScore(hidden, attn_hidden, dropout)
         self.classifier = nn.Linear(hidden, num_classes)
         self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2) for _ in range(num_classes)])
-        self._last: List[torch.Tensor] = []  # training only: instance embeddings, attention, mask of the last call
+        self._last = []  # training only (a list of tensors; not part of TorchScript): instance embeddings, attention, mask of the last call
 
     def _bag(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x, mask = self.prepare(x, mask)
