@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from scripts.cache import atomic_write_bytes, atomic_write_json
 from scripts.evaluation import metrics, stats
+from scripts.mil.registry import FIELD_HEADS
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +21,7 @@ TABLE1 = ["deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x", "gated_atte
           "mdmil", "dsmil", "csmil", "csmil_joint"]
 TABLE3 = ["csmil", "csmil_shared_tanh", "csmil_nonshared_relu", "csmil_nonshared_tanh", "csmil_reference", "csmil_flat"]
 #: heads from the field (ABMIL, TransMIL, CLAM-SB, MONAI MILModel), in their own table
-FIELD = ["abmil_20x", "abmil_concat", "transmil_20x", "transmil_concat", "clam_sb_20x", "clam_sb_concat", "monai_att_20x",
-         "monai_att_concat", "monai_att_trans_20x", "monai_att_trans_concat", "monai_att_trans_pyramid"]
+FIELD = list(FIELD_HEADS)
 SUMMARY_KEYS = ("auc", "ap", "accuracy", "balanced_accuracy", "brier")
 
 

@@ -53,6 +53,10 @@ MODELS: dict[str, tuple[type, dict]] = {
 }
 
 
+#: the heads from the field (ABMIL, TransMIL, CLAM-SB, MONAI MILModel), in registry order: the report's own table
+FIELD_HEADS: tuple[str, ...] = tuple(n for n, (cls, _) in MODELS.items() if cls in (ABMIL, TransMIL, CLAMSB, MONAIMIL))
+
+
 def build_model(name: str, in_features: int, num_scales: int = 3, num_clusters: int = 8, **overrides) -> nn.Module:
     """One of :data:`MODELS` by name."""
     if name not in MODELS:
