@@ -86,6 +86,10 @@ RULES: dict[str, Rule] = {
     "bag_per_cluster": _int("bag slots per cluster"),
     "bag_replacement": Rule("bool", "draw bag slots with replacement"),
     "mil_model": Rule("model", "the MIL model trained (scripts/mil/registry.py MODELS)"),
+    "task": Rule("choice", "what the model predicts: the classes of label_map, or time to event", choices=("classification", "survival")),
+    "ordinal": Rule("bool", "the classes are ordered grades (adds quadratic weighted kappa)"),
+    "survival_bins": _int("discrete time bins of a survival model", 2, 50),
+    "balance_classes": Rule("bool", "every class draws as many training bags per epoch as the largest"),
     # training
     "val_fraction": Rule("fraction", "validation share of the patients", 0.0, 1.0, open_low=True),
     "bags_per_slide": _int("training bags per slide per epoch"),

@@ -64,11 +64,31 @@ class TrainedModel:
     def cluster_scale_index(self) -> int:
         return [float(s) for s in self.scales_mpp].index(float(self.cluster_scale_mpp))
 
+    @property
+    def num_outputs(self) -> int:
+        """Logits of the network: the classes of ``label_map``, or the survival time bins."""
+        from scripts.tasks.labels import num_outputs
+
+        return num_outputs(self.task, self.label_map, self.survival_bins)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names by index (``label_map``; survival models have none)."""
+        from scripts.tasks.labels import class_names
+
+        return [] if self.task == "survival" else class_names(self.label_map)
+
+    @property
+    def survival_cuts(self) -> list[float] | None:
+        """The time-bin edges of a survival model (from training's event times)."""
+        return (self.contract or {}).get("survival_cuts")
+
     def network_def(self) -> torch.nn.Module:
         """A fresh network of the trained architecture (``network_def`` of the Zoo's tools)."""
         from scripts.mil.registry import build_model
 
-        return build_model(self.mil_model, in_features=self.in_features, num_scales=self.num_scales, num_clusters=self.num_clusters)
+        return build_model(self.mil_model, in_features=self.in_features, num_scales=self.num_scales, num_clusters=self.num_clusters,
+                           num_classes=self.num_outputs)
 
     def network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The trained network, weights loaded (``weights_only``), in eval mode on ``device``; its contract is kept

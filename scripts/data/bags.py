@@ -70,10 +70,21 @@ def feature_stats(entries: Sequence[FeatureEntry], max_per_slide: int = 512, see
     return torch.from_numpy(x.mean(0)), torch.from_numpy(x.std(0))
 
 
+def slide_target(entry: FeatureEntry, task: str = "classification") -> torch.Tensor:
+    """The training target of a slide from its manifest record: the class index (``classification``), or float
+    ``(time, event)`` (``survival``, :class:`scripts.tasks.survival.DiscreteTimeNLL`)."""
+    r = entry.record
+    if task == "survival":
+        if r is None or r.time is None or r.event is None:
+            raise BundleInputError(entry.path, f"slide '{entry.slide_id}' has no time / event", "survival needs the manifest's 'time' and 'event' columns")
+        return torch.tensor([float(r.time), float(r.event)], dtype=torch.float32)
+    return torch.tensor(int(entry.label))
+
+
 class _SlideCache:
     """Features loaded once per slide (float16 in RAM; the demo and typical cohorts fit)."""
 
-    def __init__(self, entries: Sequence[FeatureEntry]) -> None:
+    def __init__(self, entries: Sequence[FeatureEntry], task: str = "classification") -> None:
         self.entries = list(entries)
         self.features = [np.asarray(e.features(mmap=False)) for e in self.entries]
         for e, f in zip(self.entries, self.features):
@@ -88,13 +99,14 @@ class _SlideCache:
             self.clusters.append(c)
         if any(e.label is None for e in self.entries):
             raise ValueError("bag datasets need entries with their manifest record (labels never come from the cache)")
-        self.labels = [int(e.label) for e in self.entries]
+        self.labels = [slide_target(e, task) for e in self.entries]
 
 
 class BagDataset(Dataset):
     """Training bags: ``bags_per_slide`` random bags per slide per epoch.
 
-    Items: ``{"image": [S, K*M, D], "mask": [K*M] bool, "label": int, "slide_index": int}``.
+    Items: ``{"image": [S, K*M, D], "mask": [K*M] bool, "label": target, "slide_index": int}`` (target:
+    :func:`slide_target` of ``task``).
     Bags differ between epochs and are reproducible for a seed (the random stream is advanced by the
     DataLoader order, which MONAI's ``set_determinism`` seeds).
     """
@@ -107,24 +119,42 @@ class BagDataset(Dataset):
         bags_per_slide: int = 4,
         replacement: bool = False,
         seed: int = 0,
+        task: str = "classification",
+        balance_classes: bool = False,
     ) -> None:
-        self.cache = _SlideCache(entries)
+        self.cache = _SlideCache(entries, task)
         self.k, self.m, self.r = num_clusters, per_cluster, bags_per_slide
+        self.index = balanced_index(self.cache.labels, bags_per_slide, seed) if balance_classes and task == "classification" else None
         self.replacement = replacement
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.cache.entries) * self.r
+        return len(self.cache.entries) * self.r if self.index is None else len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        si = i // self.r
+        si = i // self.r if self.index is None else int(self.index[i])
         idx, mask = sample_bag(self.cache.clusters[si], self.k, self.m, self.rng, self.replacement)
         return {
             "image": gather_bag(self.cache.features[si], idx),
             "mask": torch.from_numpy(mask),
-            "label": torch.tensor(self.cache.labels[si]),
+            "label": self.cache.labels[si],
             "slide_index": si,
         }
+
+
+def balanced_index(labels: Sequence[torch.Tensor], bags_per_slide: int, seed: int = 0) -> np.ndarray:
+    """Slide index of each training bag of an epoch with every class drawing the same number of bags: the largest
+    class's ``slides x bags_per_slide``, spread evenly over each class's slides (a class of 3 slides beside one of 9
+    gives each of its slides 3x the bags). Deterministic for ``seed``; bag contents stay random per epoch."""
+    y = np.asarray([int(t) for t in labels])
+    per_class = {c: np.flatnonzero(y == c) for c in np.unique(y)}
+    total = max(len(v) for v in per_class.values()) * int(bags_per_slide)
+    rng = np.random.default_rng([int(seed), 7])
+    out = []
+    for c, slides in per_class.items():
+        reps = np.resize(rng.permutation(slides), total)  # each slide ceil/floor(total / n) times
+        out.append(np.sort(reps))
+    return np.concatenate(out)
 
 
 class SlideBagsDataset(Dataset):
@@ -139,8 +169,9 @@ class SlideBagsDataset(Dataset):
         num_bags: int = 10,
         replacement: bool = False,
         seed: int = 0,
+        task: str = "classification",
     ) -> None:
-        self.cache = _SlideCache(entries)
+        self.cache = _SlideCache(entries, task)
         self.k, self.m, self.r = num_clusters, per_cluster, num_bags
         self.replacement, self.seed = replacement, seed
 
@@ -153,6 +184,6 @@ class SlideBagsDataset(Dataset):
         return {
             "image": torch.stack([gather_bag(self.cache.features[si], i) for i in idx]),
             "mask": torch.from_numpy(mask),
-            "label": torch.tensor(self.cache.labels[si]),
+            "label": self.cache.labels[si],
             "slide_index": si,
         }

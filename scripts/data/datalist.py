@@ -36,6 +36,8 @@ def item(entry: FeatureEntry) -> dict:
         out["split"] = r.split
     if r.mpp is not None:
         out["mpp"] = float(r.mpp)
+    if r.time is not None:
+        out["time"], out["event"] = float(r.time), int(r.event)
     return out
 
 
@@ -52,4 +54,5 @@ def read_datalist(path: str | Path) -> list[FeatureEntry]:
     """Entries of a written datalist (records rebuilt from its items)."""
     items = json.loads(Path(path).read_text())["slides"]
     return [FeatureEntry(Path(i["features"]), SlideRecord(i["slide_id"], i["patient_id"], i["image"], int(i["label"]),
-                                                          i.get("mpp"), i.get("split"))) for i in items]
+                                                          i.get("mpp"), i.get("split"), i.get("time"), i.get("event")))
+            for i in items]

@@ -64,6 +64,11 @@ class DemoParams:
         num_structures: structure slots per slide, laid out on a square grid (4 = 2x2).
         lesions_per_positive: lesions (``R+T``) in a positive slide, cue counts balanced between the classes
             (see :func:`_structure_kinds`); 0 = the demo's draw (one lesion, a second with probability 1/3).
+        num_classes: 3 makes a three-class co-location cohort (:func:`_class_kinds`): class 0 shows no co-location,
+            class 1 a circular ring around the texture, class 2 a square ring around it (2 = the binary demo).
+        survival: a survival cohort (:func:`survival_outcome`): patient ``p`` holds ``p % (max_lesions + 1)``
+            lesions (cue counts balanced as in the co-location cohorts), times shorten with that burden, some are
+            censored; the manifest gets ``time`` and ``event`` (label = the burden, for reading only).
     """
 
     num_patients: int = 20
@@ -82,8 +87,16 @@ class DemoParams:
     ring_shape: str = "circle"
     num_structures: int = 4
     lesions_per_positive: int = 0
+    num_classes: int = 2
+    survival: bool = False
 
     def __post_init__(self) -> None:
+        if self.num_classes not in (2, 3):
+            raise ValueError(f"num_classes must be 2 or 3, got {self.num_classes}")
+        if self.num_classes == 3 and self.num_structures % 4:
+            raise ValueError("a three-class cohort needs num_structures divisible by 4 (units of 4 structures)")
+        if self.survival and self.num_classes != 2:
+            raise ValueError("a survival cohort has no classes: leave num_classes at 2")
         if self.ring_shape not in ("circle", "square"):
             raise ValueError(f"ring_shape must be 'circle' or 'square', got {self.ring_shape!r}")
         if self.num_structures < 2 or not 0 <= self.lesions_per_positive <= self.num_structures:
@@ -101,7 +114,7 @@ class DemoParams:
 
 
 #: fields added after the first demo release (left out of :meth:`DemoParams.to_dict` at their defaults)
-_LATER_FIELDS = ("cue_contrast", "texture_period_um", "ring_shape", "num_structures", "lesions_per_positive")
+_LATER_FIELDS = ("cue_contrast", "texture_period_um", "ring_shape", "num_structures", "lesions_per_positive", "num_classes", "survival")
 
 #: co-location cohorts of the fusion ablation (docs/evaluation.md): the demo's label principle with other cue
 #: sizes, contrasts, shapes, lesion counts and pyramid levels
@@ -115,6 +128,34 @@ COLOCATION_COHORTS: dict[str, dict] = {
     # wider ring, demo texture
     "strong2": {"size": 2048, "lesions_per_positive": 2, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
 }
+
+#: cohorts of the other tasks (docs/evaluation.md "Beyond binary"): three classes told apart by which ring shape
+#: co-locates with the texture, and survival whose times shorten with the co-located lesion burden
+TASK_COHORTS: dict[str, dict] = {
+    "multiclass3": {"size": 2048, "num_classes": 3, "num_structures": 8, "cue_contrast": 1.4, "ring_width_um": 100.0,
+                    "ring_radius_um": 160.0},
+    "survival": {"size": 2048, "survival": True, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
+}
+
+
+def _class_kinds(label: int, params: DemoParams, rng: np.random.Generator) -> list[str]:
+    """Structure kinds of a three-class slide, in units of four (``R`` circular ring, ``Q`` square ring, ``T``
+    texture, ``S`` plain tint): class 0 ``T, T, R+S, Q+S``; class 1 ``R+T, T, S, Q+S``; class 2 ``Q+T, T, R+S, S``.
+    Every class shows two textured discs, two tints, one circular and one square ring per unit: only which ring
+    surrounds a texture (a 5x shape at the place of a 20x texture) tells them apart."""
+    unit = {0: ["T", "T", "R+S", "Q+S"], 1: ["R+T", "T", "S", "Q+S"], 2: ["Q+T", "T", "R+S", "S"]}[int(label)]
+    kinds = unit * (params.num_structures // 4)
+    rng.shuffle(kinds)
+    return kinds
+
+
+def survival_outcome(burden: int, rng: np.random.Generator) -> tuple[float, int]:
+    """(time in months, event) of a patient with ``burden`` co-located lesions: log-normal event times whose median
+    halves with each lesion (60, 30, 15 months; sd of log time 0.35), censored by a uniform follow-up of 12-84
+    months (about a quarter censored)."""
+    event_time = float(60.0 * 0.5 ** burden * np.exp(0.35 * rng.standard_normal()))
+    follow_up = float(rng.uniform(12.0, 84.0))
+    return (round(event_time, 2), 1) if event_time <= follow_up else (round(follow_up, 2), 0)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float, coarse: int = 8) -> np.ndarray:
@@ -158,6 +199,12 @@ def _structure_kinds(label: int, params: DemoParams, rng: np.random.Generator) -
     texture), so both classes show the same number of textured discs and of rings.
     """
     n = params.num_structures
+    if params.num_classes == 3:
+        return _class_kinds(label, params, rng)
+    if params.survival:  # ``label`` is the lesion burden
+        kinds = ["R+T", "S"] * min(int(label), n // 2) + [("T", "R+S")[i % 2] for i in range(n - 2 * min(int(label), n // 2))]
+        rng.shuffle(kinds)
+        return kinds
     if params.lesions_per_positive == 0 and n == 4:
         kinds = ["R+T", "T", "R+S", str(rng.choice(["R+T", "T", "R+S"]))] if label else ["T", "R+S", "T", "R+S"]
     else:
@@ -210,11 +257,12 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
                 cov = ndimage.gaussian_filter(cov, 6 * px)
             a = disc * cov[..., None] * min(0.85 * params.cue_contrast, 1.0)
             win[:] = win * (1 - a) + DOT * a
-        if "R" in kind:
-            rr = r if params.ring_shape == "circle" else np.maximum(np.abs(dx), np.abs(dy))
+        if "R" in kind or "Q" in kind:  # Q: the square ring of the three-class cohort
+            square = params.ring_shape == "square" or "Q" in kind
+            rr = np.maximum(np.abs(dx), np.abs(dy)) if square else r
             band = np.clip(1 - np.abs(rr - ring_r - ring_w / 2) / (ring_w / 2), 0, 1)[..., None] * min(0.7 * params.cue_contrast, 1.0)
             win[:] = win * (1 - band) + RING * band
-        if kind == "R+T":
+        if kind in ("R+T", "Q+T"):
             lesion[y0:y1, x0:x1] |= r <= tex_r
         structures.append({"kind": kind, "centre_xy": [float(sx), float(sy)]})
     img += 3 * rng.standard_normal(img.shape, dtype=np.float32)
@@ -241,8 +289,14 @@ def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, pro
     records = []
     info = {}
     jobs = [(p, s) for p in range(params.num_patients) for s in range(params.slides_per_patient)]
+    outcomes = {}
     for p, s in tqdm(jobs, desc="demo slides", disable=not progress):
         label = int(p % 2 == 1 and p // 2 < n_pos) if params.num_patients > 1 else 1
+        if params.num_classes == 3:
+            label = p % 3
+        if params.survival:  # label = lesion burden 0..num_structures // 2; the outcome is the patient's
+            label = p % (params.num_structures // 2 + 1)
+            outcomes.setdefault(p, survival_outcome(label, np.random.default_rng([params.seed, p, 1_000_003])))
         slide_id = f"demo-p{p:03d}-s{s}"
         rng = np.random.default_rng([params.seed, p, s])
         img, lesion, structures = render_slide(label, params, rng)
@@ -252,9 +306,11 @@ def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, pro
         mask = lesion[: lesion.shape[0] // f * f, : lesion.shape[1] // f * f]
         mask = mask.reshape(mask.shape[0] // f, f, mask.shape[1] // f, f).mean(axis=(1, 3)) >= 0.5
         Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"{slide_id}.png")
-        records.append(SlideRecord(slide_id, f"demo-p{p:03d}", str(path), label, None))
-        info[slide_id] = {"label": label, "structures": structures}
+        time, event = outcomes.get(p, (None, None))
+        records.append(SlideRecord(slide_id, f"demo-p{p:03d}", str(path), label, None, None, time, event))
+        info[slide_id] = {"label": label, "structures": structures, **({"time": time, "event": event} if params.survival else {})}
     atomic_write_json(stamp, {"key": key, "params": params.to_dict(), "mask_mpp": params.mask_mpp, "slides": info})
     write_manifest(manifest, records)
-    logger.info("demo cohort: %d slides (%d positive) in %s", len(records), sum(r.label for r in records), root)
+    logger.info("demo cohort: %d slides (%s) in %s", len(records), f"{sum(r.event for r in records)} events" if params.survival
+                else f"{sum(r.label > 0 for r in records)} not of class 0", root)
     return manifest

@@ -1,7 +1,10 @@
-"""Manifest CSV: ``slide_id, patient_id, path, label`` (+ optional ``mpp``, ``split``).
+"""Manifest CSV: ``slide_id, patient_id, path, label`` (+ optional ``mpp``, ``split``); for ``task: survival``
+``slide_id, patient_id, path, time, event`` (``label`` optional).
 
 Manifests are data: they are parsed, validated and never evaluated. ``path`` is absolute or relative to
-the manifest's folder; ``label`` is 0/1 or a class name mapped through ``label_map``. Ids are data, never paths
+the manifest's folder; ``label`` is a class name (or index) mapped through ``label_map`` (two or more classes);
+``time`` is the follow-up time (>= 0, any unit) and ``event`` 1 (event) or 0 (censored). For survival the record's
+``label`` is the event (splits are stratified by it). Ids are data, never paths
 (:mod:`scripts.data.ids`). Encodings: UTF-8 with or without BOM, UTF-16 with BOM, else Windows-1252 with a warning.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -23,6 +27,8 @@ logger = logging.getLogger(__name__)
 #: sane range of level-0 resolutions (µm per px); outside it the metadata is wrong or the file is no slide
 MPP_RANGE = (0.05, 20.0)
 REQUIRED = ("slide_id", "patient_id", "path", "label")
+#: the columns of a survival manifest besides slide_id, patient_id and path
+SURVIVAL_COLUMNS = ("time", "event")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class SlideRecord:
     label: int
     mpp: float | None = None
     split: str | None = None
+    time: float | None = None
+    event: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,12 +54,14 @@ SPLITS = ("train", "val", "valid", "validation", "test")
 
 def read_manifest(
     manifest: str | Path, label_map: Mapping[str, int] | None = None, check_paths: bool = True,
-    require_labels: bool = True,
+    require_labels: bool = True, task: str = "classification",
 ) -> list[SlideRecord]:
     """Parse and validate a manifest; every problem names its row and the fix.
 
-    With ``require_labels=False`` (inference) the ``label`` column may be absent or empty (label -1).
+    With ``require_labels=False`` (inference) the ``label`` column (``time`` / ``event`` for survival) may be absent
+    or empty (label -1). ``task="survival"`` reads ``time`` and ``event`` instead of ``label``.
     """
+    survival = task == "survival"
     manifest = Path(manifest)
     if manifest.is_dir():
         raise BundleInputError(manifest, "is a folder, not a manifest file",
@@ -61,9 +71,11 @@ def read_manifest(
     label_map = {str(k): int(v) for k, v in (label_map or {"0": 0, "1": 1}).items()}
     reader = csv.DictReader(io.StringIO(manifest_text(manifest), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED if c not in header and (require_labels or c != "label")]
+    required = [c for c in REQUIRED if not survival or c != "label"] + (list(SURVIVAL_COLUMNS) if survival else [])
+    missing = [c for c in required if c not in header and (require_labels or c not in ("label", *SURVIVAL_COLUMNS))]
     if missing:
-        raise BundleInputError(manifest, f"missing column(s) {missing} (found {header})", f"the header must contain {list(REQUIRED)}")
+        hint = " (--task survival reads 'time' and 'event')" if survival else ""
+        raise BundleInputError(manifest, f"missing column(s) {missing} (found {header}){hint}", f"the header must contain {required}")
     rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     if not rows:
         raise BundleInputError(manifest, "manifest has no rows", "add one row per slide")
@@ -82,7 +94,11 @@ def read_manifest(
             raise BundleInputError(where, f"slide_id '{sid}' differs from row {folders[folded]}'s only in letter case: both would share a "
                                    "folder on case-insensitive file systems (macOS, Windows)", "make slide ids differ by more than case")
         seen[sid], folders[folded] = i, i
-        if not require_labels and not row.get("label"):
+        time = event = None
+        if survival:
+            time, event = _survival_values(row, where, sid, require_labels)
+            label = -1 if event is None else event
+        elif not require_labels and not row.get("label"):
             label = -1
         elif row["label"] not in label_map:
             raise BundleInputError(where, f"unknown label '{row['label']}' for slide '{sid}'", f"use one of {sorted(label_map)} or extend 'label_map' in the config")
@@ -116,7 +132,10 @@ def read_manifest(
             if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
                 raise BundleInputError(where, f"mpp {row['mpp']} for slide '{sid}' is outside the plausible range {MPP_RANGE} µm per px",
                                        "write the slide's level-0 µm per px, e.g. 0.25 (40x) or 0.5 (20x), or leave it empty to use the slide's metadata")
-        records.append(SlideRecord(sid, pid, str(path), label, mpp, split))
+        records.append(SlideRecord(sid, pid, str(path), label, mpp, split, time, event))
+    if survival and require_labels and not any(r.event == 1 for r in records):
+        raise BundleInputError(manifest, f"no slide has an event (all {len(records)} 'event' values are 0)",
+                               "survival needs observed events: write 1 in 'event' for slides whose event was observed")
     labels_by_patient: dict[str, set[int]] = {}
     for r in records:
         labels_by_patient.setdefault(r.patient_id, set()).add(r.label)
@@ -125,6 +144,22 @@ def read_manifest(
         # allowed (a patient may have lesional and normal biopsies), but worth knowing
         logger.warning("%s: patients with slides of both labels: %s", manifest, mixed[:5])
     return records
+
+
+def _survival_values(row: dict, where: str, sid: str, required: bool) -> tuple[float | None, int | None]:
+    """``time`` (>= 0) and ``event`` (0/1) of a manifest row (None, None when empty and not required)."""
+    t, e = row.get("time", ""), row.get("event", "")
+    if not required and not t and not e:
+        return None, None
+    try:
+        time = float(t)
+    except ValueError:
+        raise BundleInputError(where, f"time '{t}' for slide '{sid}' is not a number", "write the follow-up time as a number (any unit, e.g. months)") from None
+    if not math.isfinite(time) or time < 0:
+        raise BundleInputError(where, f"time {t} for slide '{sid}' is negative or not finite", "write the time from diagnosis to event or censoring (>= 0)")
+    if e not in ("0", "1"):
+        raise BundleInputError(where, f"event '{e}' for slide '{sid}' is not 0 or 1", "write 1 when the event was observed, 0 when censored")
+    return time, int(e)
 
 
 def manifest_text(manifest: Path) -> str:
@@ -152,12 +187,14 @@ def write_manifest(path: str | Path, records: list[SlideRecord]) -> None:
     path = Path(path)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["slide_id", "patient_id", "path", "label", "mpp"])
+    survival = any(r.time is not None for r in records)
+    w.writerow(["slide_id", "patient_id", "path", "label", "mpp"] + (list(SURVIVAL_COLUMNS) if survival else []))
     for r in records:
         p = Path(r.path)
         try:
             p = p.resolve().relative_to(path.parent.resolve())
         except ValueError:
             pass
-        w.writerow([r.slide_id, r.patient_id, str(p), r.label, "" if r.mpp is None else r.mpp])
+        w.writerow([r.slide_id, r.patient_id, str(p), r.label, "" if r.mpp is None else r.mpp]
+                   + ([f"{r.time:g}", r.event] if survival else []))
     atomic_write_bytes(path, buf.getvalue().encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from scripts.data.ids import case_clash
@@ -11,13 +12,15 @@ from scripts.errors import BundleInputError
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
-def input_records(source: str | Path, mpp: float | None = None, label_map: dict | None = None) -> list[SlideRecord]:
-    """Records for ``source``; slides without a label get label -1. ``mpp`` fills in slides lacking it."""
+def input_records(source: str | Path, mpp: float | None = None, label_map: dict | None = None,
+                  task: str = "classification") -> list[SlideRecord]:
+    """Records for ``source``; slides without a label get label -1. ``mpp`` fills in slides lacking it; ``task`` is the
+    checkpoint's (a survival manifest's ``time`` / ``event`` are read when given)."""
     src = Path(source)
     if src.is_file() and src.suffix.lower() == ".csv":
-        records = read_manifest(src, label_map, require_labels=False)
+        records = read_manifest(src, label_map, require_labels=False, task=task)
     elif src.is_dir() and (src / "manifest.csv").is_file():
-        records = read_manifest(src / "manifest.csv", label_map, require_labels=False)
+        records = read_manifest(src / "manifest.csv", label_map, require_labels=False, task=task)
     elif src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
         if not files:
@@ -33,5 +36,5 @@ def input_records(source: str | Path, mpp: float | None = None, label_map: dict 
     else:
         raise BundleInputError(src, "input not found", "pass --input with a slide file, a folder of slides or a manifest CSV")
     if mpp is not None:
-        records = [r if r.mpp is not None else SlideRecord(r.slide_id, r.patient_id, r.path, r.label, float(mpp), r.split) for r in records]
+        records = [r if r.mpp is not None else dataclasses.replace(r, mpp=float(mpp)) for r in records]
     return records

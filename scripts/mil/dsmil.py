@@ -41,7 +41,8 @@ class DSMIL(MILBase):
         each location's scale weights are a softmax over scales of each scale's additive share of that margin
         (the embedding is ``ReLU(sum_s W_s x_s + b)``: within the active units the margin splits exactly into
         per-scale terms); ``cluster`` [B, K]: patch weight per phenotype cluster; ``bag`` [B, N]: bag-stream
-        attention.
+        attention. ``patch_class`` [B, N, C] / ``scale_class`` [B, N, S, C]: the same for each class's margin (the maps of
+        a class other than the predicted one; with two classes column 1 is ``patch`` / ``scale``).
         """
         x, mask = self.prepare(x, mask)
         b, s, n, d = x.shape
@@ -50,6 +51,16 @@ class DSMIL(MILBase):
         z = u.sum(dim=2) + lin.bias
         logits, weights, bag = self.pool(torch.relu(z), mask)
         w = self.pool.instance_classifier.weight
-        share = (u * (z > 0).unsqueeze(2).to(u.dtype) * (w[-1] - w[0])).sum(-1)  # [B, N, S]
-        return logits, {"scale": torch.softmax(share, dim=-1), "instance": weights, "patch": weights,
-                        "cluster": cluster_mass(weights, self.num_clusters), "bag": bag}
+        active = u * (z > 0).unsqueeze(2).to(u.dtype)
+        share = (active * (w[-1] - w[0])).sum(-1)  # [B, N, S]
+        c = w.shape[0]
+        margin = w - (w.sum(0, keepdim=True) - w) / (c - 1)  # per class: its weights minus the others' mean
+        scale_c = torch.softmax(torch.einsum("bnsh,ch->bnsc", active, margin), dim=2)  # [B, N, S, C]
+        if c == 2:
+            scale = torch.softmax(share, dim=-1)
+        else:  # the predicted class's, as the patch weights (the pooling's)
+            pred = logits.argmax(dim=-1)
+            scale = scale_c.gather(3, pred.reshape(b, 1, 1, 1).expand(b, n, s, 1)).squeeze(3)
+        return logits, {"scale": scale, "instance": weights, "patch": weights,
+                        "cluster": cluster_mass(weights, self.num_clusters), "bag": bag,
+                        "patch_class": self.pool.class_weights(torch.relu(z), mask), "scale_class": scale_c}

@@ -103,9 +103,11 @@ class JointScaleMIL(MILBase):
         x, mask = self.prepare(x, mask)
         f, a_scale = self._fuse(x)
         logits, weights, extra = self.pool(f, mask)
+        per_class = self.pool.class_weights(f, mask)
         if not self.critical:  # ablation: extra = cluster weights
-            return logits, {"scale": a_scale, "instance": weights, "cluster": extra, "patch": weights, "bag": weights}
-        return logits, {"scale": a_scale, "instance": weights, "cluster": cluster_mass(weights, self.num_clusters), "patch": weights, "bag": extra}
+            return logits, {"scale": a_scale, "instance": weights, "cluster": extra, "patch": weights, "bag": weights, "patch_class": per_class}
+        return logits, {"scale": a_scale, "instance": weights, "cluster": cluster_mass(weights, self.num_clusters), "patch": weights, "bag": extra,
+                        "patch_class": per_class}
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, num_classes] of bags ``x`` [B, S, N, D] with optional ``mask`` [B, N]."""

@@ -14,16 +14,27 @@ class MILLoss(nn.Module):
     the network back in training mode) it is the plain cross-entropy, so every model is selected on the same
     criterion.
 
-    ``network`` is the model itself (``@network_def``), not a DistributedDataParallel wrapper around it.
+    ``network`` is the model itself (``@network_def``), not a DistributedDataParallel wrapper around it. With
+    ``survival_cuts`` (``task: survival``) the slide loss is the discrete-time likelihood of (time, event) targets
+    (:class:`scripts.tasks.survival.DiscreteTimeNLL`) and no auxiliary loss is added (CLAM's instance loss needs
+    classes).
     """
 
-    def __init__(self, network: nn.Module | None = None) -> None:
+    def __init__(self, network: nn.Module | None = None, survival_cuts: list[float] | None = None) -> None:
         super().__init__()
-        self.ce = nn.CrossEntropyLoss()
+        if survival_cuts is None:
+            self.ce = nn.CrossEntropyLoss()
+        else:
+            from scripts.tasks.survival import DiscreteTimeNLL
+
+            self.ce = DiscreteTimeNLL(survival_cuts)
+        self.survival = survival_cuts is not None
         self._network = [network]  # a list: not a submodule (the loss holds no parameters of its own)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.ce(pred, target)
+        if self.survival:
+            return loss
         net = self._network[0]
         if net is not None and net.training and torch.is_grad_enabled() and hasattr(net, "combine_loss"):
             return net.combine_loss(loss, target)

@@ -88,7 +88,10 @@ class CriticalInstancePooling(nn.Module):
     """Dual-stream MIL pooling (DSMIL) of instance embeddings ``h`` [B, N, H] with ``mask`` [B, N].
 
     Returns logits [B, C], instance weights [B, N] (softmax of the class-1 margin of the instance classifier
-    over the bag's real instances) and bag attention [B, N] (similarity to the critical instance).
+    over the bag's real instances) and bag attention [B, N] (similarity to the critical instance). With C > 2
+    classes every class has its own critical instance and bag-stream attention, as DSMIL's (a class's bag logit
+    from its own attention-pooled embedding); the weights returned are those of the predicted class, and
+    :meth:`class_weights` gives every class's.
     """
 
     def __init__(self, hidden: int, num_classes: int = 2, dropout: float = 0.0) -> None:
@@ -97,19 +100,39 @@ class CriticalInstancePooling(nn.Module):
         self.query = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
         self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
         self.bag_classifier = nn.Linear(hidden, num_classes)
+        self.num_classes = num_classes
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = h.shape[0]
         rows = torch.arange(b, device=h.device)
         inst_logits = self.instance_classifier(h)  # [B, N, C]
+        q = self.query(h)
+        if self.num_classes > 2:
+            crit_c = inst_logits.masked_fill(~mask.unsqueeze(-1), -1e4).argmax(dim=1)  # [B, C]: one per class
+            max_c = inst_logits.gather(1, crit_c.unsqueeze(1)).squeeze(1)  # [B, C]
+            q_crit = q.gather(1, crit_c.unsqueeze(-1).expand(b, crit_c.shape[1], q.shape[-1]))  # [B, C, H]
+            scores_c = torch.einsum("bnh,bch->bcn", q, q_crit) / (q.shape[-1] ** 0.5)
+            a_c = masked_softmax(scores_c, mask.unsqueeze(1), dim=-1)  # [B, C, N]
+            bag_c = torch.einsum("bcn,bnh->bch", a_c, self.value(h))
+            logits_c = 0.5 * (max_c + (bag_c * self.bag_classifier.weight).sum(-1) + self.bag_classifier.bias)
+            pred = logits_c.argmax(dim=-1)
+            w_c = self.class_weights(h, mask)
+            return logits_c, w_c[rows, :, pred], a_c[rows, pred]
         crit = inst_logits[..., -1].masked_fill(~mask, -1e4).argmax(dim=1)  # critical instance per bag
         max_logits = inst_logits[rows, crit]
-        q = self.query(h)
         scores = (q * q[rows, crit].unsqueeze(1)).sum(-1) / (q.shape[-1] ** 0.5)
         a = masked_softmax(scores, mask, dim=-1)
         bag = (a.unsqueeze(-1) * self.value(h)).sum(dim=1)
         weights = masked_softmax(inst_logits[..., -1] - inst_logits[..., 0], mask, dim=-1)
         return 0.5 * (max_logits + self.bag_classifier(bag)), weights, a
+
+    def class_weights(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Instance weights [B, N, C] per class: softmax over the bag of the instance classifier's margin of the class
+        (``logit_c - logsumexp`` of the others; for two classes column 1 is the weights :meth:`forward` returns)."""
+        inst = self.instance_classifier(h)
+        eye = torch.eye(inst.shape[-1], dtype=torch.bool, device=h.device)
+        others = torch.logsumexp(inst.unsqueeze(-2).masked_fill(eye, -1e4), dim=-1)  # [B, N, C]
+        return masked_softmax(inst - others, mask.unsqueeze(-1), dim=1)
 
 
 class HierarchicalAttentionPooling(HierarchicalPool, nn.Module):
@@ -127,5 +150,11 @@ class HierarchicalAttentionPooling(HierarchicalPool, nn.Module):
     def forward(self, f: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a_inst, a_clu, slide = self.pool_clusters(f, mask)
         return self.head(slide), (a_inst * a_clu.unsqueeze(-1)).reshape(f.shape[0], f.shape[1]), a_clu
+
+    def class_weights(self, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Patch weights [B, N, C]: attention is shared by the classes (the same column for each)."""
+        a_inst, a_clu, _ = self.pool_clusters(f, mask)
+        w = (a_inst * a_clu.unsqueeze(-1)).reshape(f.shape[0], f.shape[1])
+        return w.unsqueeze(-1).expand(w.shape[0], w.shape[1], self.head[-1].out_features)
 
 

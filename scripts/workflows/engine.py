@@ -13,7 +13,8 @@ class PrepareBagBatch:
 
     def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any):
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-        label = batchdata["label"].long().to(device=device, non_blocking=non_blocking)
+        label = batchdata["label"]  # class indices, or float (time, event) rows for survival
+        label = (label.float() if label.is_floating_point() else label.long()).to(device=device, non_blocking=non_blocking)
         mask = batchdata["mask"].to(device=device, non_blocking=non_blocking)
         return image, label, (), {"mask": mask}
 
@@ -32,9 +33,11 @@ class BagEnsembleInferer(Inferer):
 
 
 def positive_probability(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """ignite ``output_transform``: (P(class 1), label) from an engine output with log-prob ``pred``."""
+    """ignite ``output_transform``: (P(class 1), label) from an engine output with log-prob ``pred``; with more than
+    two classes all class probabilities [B, C] (for the macro one-vs-rest AUC)."""
     pred, label = output["pred"], output["label"]
-    return torch.softmax(pred.float(), dim=-1)[:, 1], label
+    probs = torch.softmax(pred.float(), dim=-1)
+    return (probs[:, 1] if probs.shape[-1] == 2 else probs), label
 
 
 def pred_and_label(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +48,17 @@ def pred_and_label(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _auc_or_nan(y_pred: torch.Tensor, y: torch.Tensor) -> float:
     from sklearn.metrics import roc_auc_score
 
-    y_true = y.cpu().numpy()
+    y_true, p = y.cpu().numpy(), y_pred.cpu().numpy()
+    if p.ndim == 2:  # K > 2 classes: macro one-vs-rest over the classes present (undefined with fewer than 2)
+        present = sorted(set(y_true.tolist()))
+        if len(present) < 2:
+            return float("nan")
+        if len(present) == p.shape[1]:
+            return float(roc_auc_score(y_true, p, multi_class="ovr", average="macro", labels=list(range(p.shape[1]))))
+        return float(sum(roc_auc_score(y_true == c, p[:, c]) for c in present) / len(present))
     if len(set(y_true.tolist())) < 2:
         return float("nan")  # undefined with one class (tiny validation sets)
-    return float(roc_auc_score(y_true, y_pred.cpu().numpy()))
+    return float(roc_auc_score(y_true, p))
 
 
 def roc_auc_metric(output_transform=positive_probability):

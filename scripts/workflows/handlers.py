@@ -60,6 +60,10 @@ class ValidationSummary:
         def fmt(v: Any) -> str:
             return "n/a" if v is None else f"{v:.4f}"
 
+        if "val_cindex" in best:  # survival
+            logger.info("Validation c-index: %s  (best validation epoch %d: loss %.4f; summary: %s)", fmt(best["val_cindex"]),
+                        best["epoch"], best[self.key], self.output_file)
+            return
         auc = best.get("val_auc")
         msg = (
             f"best validation epoch {best['epoch']}: loss {best[self.key]:.4f}, "

@@ -8,6 +8,7 @@ cached on disk, so a command computes only what is missing; the entries carry th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ def pipeline_entries(records: Sequence[SlideRecord], prepare: Callable, extract:
 
 def cohort_records(
     manifest: str | Path, label_map: Mapping[str, int] | None = None, demo: DemoParams | None = None, progress: bool = True,
-    mpp: float | None = None,
+    mpp: float | None = None, task: str = "classification",
 ) -> list[SlideRecord]:
     """The slides of the cohort manifest (training and the protocol; inference reads its ``--input`` with
     :func:`scripts.inference.inputs.input_records`), after building the demo cohort there when ``demo`` is given
@@ -41,9 +42,9 @@ def cohort_records(
     if demo is not None and not manifest.is_file():
         logger.info("no manifest at %s: generating the demo cohort there", manifest)
         generate_demo(manifest.parent, demo, progress=progress)
-    records = read_manifest(manifest, label_map)
+    records = read_manifest(manifest, label_map, task=task)
     if mpp is not None:
-        records = [r if r.mpp is not None else SlideRecord(r.slide_id, r.patient_id, r.path, r.label, float(mpp), r.split) for r in records]
+        records = [r if r.mpp is not None else dataclasses.replace(r, mpp=float(mpp)) for r in records]
     return records
 
 
