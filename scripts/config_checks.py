@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     # inference
     "num_bags": _int("random bags averaged per slide"),
     "threshold": Rule("fraction", "probability threshold of the predicted label", 0.0, 1.0),
+    "map_class": Rule("int", "class index whose per-class weights the maps show (null: see configs/inference.yaml)", 0, None, null=True),
     "lesion_mask_mpp": _pos("resolution of the lesion masks"),
     "heatmap_mpp": _pos("resolution of the TIFF heatmaps"),
     "overlay_mpp": _pos("resolution of the PNG overlays"),

@@ -162,6 +162,6 @@ class TrainedModel:
             "tiling": tiling.to_dict(), "encoder_arch": self.encoder_arch, "preprocessing": preprocessing_section(**values),
             "preprocessing_signature": transform_signature(self.preprocessing(backend)), "num_clusters": int(self.num_clusters),
             "cluster_scale_index": self.cluster_scale_index, "bag_per_cluster": int(self.bag_per_cluster), "bag_replacement": bool(self.bag_replacement),
-            "seed": int(self.seed),
+            "seed": int(self.seed), "task": self.task, "class_names": self.class_names,
             **runtime,
         }

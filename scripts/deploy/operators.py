@@ -89,13 +89,14 @@ class MultiScaleEncoderOperator(Operator):
 
 
 class CSMILInferenceOperator(Operator):
-    """Entries -> (entry, prediction) pairs: the TorchScript CS-MIL model's mean class-1 probability over
-    ``num_bags`` seeded random bags and the attention of every patch at every scale."""
+    """Entries -> (entry, prediction) pairs: the TorchScript CS-MIL model's mean class probabilities (survival: risk)
+    over ``num_bags`` seeded random bags and the attention of every patch at every scale."""
 
     def __init__(self, fragment: Fragment, *args, models: DeployModels, device: str | torch.device = "cpu", **kwargs) -> None:
         self.models, self.device = models, device
         s = models.settings
-        self.inferer = SlideInferer(s["num_clusters"], s["bag_per_cluster"], s["num_bags"], s["bag_replacement"], s["seed"], device)
+        self.inferer = SlideInferer(s["num_clusters"], s["bag_per_cluster"], s["num_bags"], s["bag_replacement"], s["seed"], device,
+                                    task=s.get("task", "classification"), map_class=s.get("map_class"))
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -129,8 +130,14 @@ class AttentionMapWriterOperator(Operator):
         rows: list[dict] = []
         for entry, pred in predictions:
             add_slide_outputs(rows, entry, pred, self.output_dir, s["scales_mpp"], threshold=s["threshold"], masks=None,
-                              heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"])
+                              heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"], task=s.get("task", "classification"),
+                              class_names=s.get("class_names", []))
         write_cohort_outputs(rows, self.output_dir, s["scales_mpp"])
         for r in rows:
-            logger.info("%s: probability %.4f -> label %d", r["slide_id"], r["probability"], r["label"])
+            if "risk" in r:
+                logger.info("%s: risk %.4f", r["slide_id"], r["risk"])
+            elif "probability" in r:
+                logger.info("%s: probability %.4f -> label %d", r["slide_id"], r["probability"], r["label"])
+            else:
+                logger.info("%s: class %s", r["slide_id"], r["predicted_class"])
         return rows

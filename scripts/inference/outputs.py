@@ -58,6 +58,7 @@ def masks_dir(input_path, dataset_dir) -> Path | None:
 def write_slide_outputs(
     entry: FeatureEntry, pred: SlidePrediction, out: Path, scales_mpp: Sequence[float], threshold: float = 0.5,
     masks: Path | None = None, lesion_mask_mpp: float = 8.0, heatmap_mpp: float = 8.0, overlay_mpp: float = 4.0,
+    task: str = "classification", class_names: Sequence[str] = (),
 ) -> dict:
     """Per-scale PNG overlays, scale composite, QuPath GeoJSON, pyramidal TIFF heatmaps and ``prediction.json``
     of one slide in ``out/<folder name of the slide id>/`` (:mod:`scripts.data.ids`), complete or absent; returns its ``predictions.csv`` row."""
@@ -86,19 +87,38 @@ def write_slide_outputs(
         for s, name in enumerate(names):
             heat = export.rasterise(coords, norm[:, s], footprint, hshape, heat_scale)
             export.write_heatmap_tiff(sdir / f"attention_{name}.tif", heat, heatmap_mpp)
-        row = {
-            "slide_id": entry.slide_id,
-            "probability": round(pred.probability, 6),
-            "label": int(pred.probability >= threshold),
-            "true_label": -1 if entry.label is None else entry.label,  # the input manifest's label (-1: none given)
-            "num_patches": entry.num_patches,
-            "predict_seconds": round(pred.seconds, 3),
-        }
+        row = {"slide_id": entry.slide_id, **prediction_columns(entry, pred, threshold, task, class_names),
+               "num_patches": entry.num_patches, "predict_seconds": round(pred.seconds, 3)}
         aurocs = entry_localisation(entry, pred.attention, masks, lesion_mask_mpp)
         if aurocs is not None:
             row.update({f"localisation_auroc_{n}": ("" if a is None else round(a, 4)) for n, a in zip(names, aurocs)})
-        atomic_write_json(sdir / "prediction.json", {**row, "scales": names, "attention_normalisation": "min-max per scale"})
+        shown = {} if pred.map_class is None else {"map_class": int(pred.map_class)}
+        if shown and class_names:
+            shown["map_class_name"] = class_names[int(pred.map_class)]
+        atomic_write_json(sdir / "prediction.json", {**row, "task": task, **shown, "scales": names,
+                                                      "attention_normalisation": "min-max per scale"})
         return row
+
+
+def prediction_columns(entry: FeatureEntry, pred: SlidePrediction, threshold: float = 0.5, task: str = "classification",
+                       class_names: Sequence[str] = ()) -> dict:
+    """The prediction's columns of ``predictions.csv``: two classes ``probability`` (of class 1), ``label`` (at
+    ``threshold``) and ``true_label``; K > 2 classes one ``prob_<name>`` per class, ``predicted_class`` (its name),
+    ``label`` (its index) and ``true_label``; survival ``risk`` (1 = event in the first time bin) and the manifest's
+    ``true_time`` / ``true_event`` where given."""
+    from scripts.tasks.labels import prob_column
+
+    if task == "survival":
+        r = entry.record
+        given = {} if r is None or r.time is None else {"true_time": r.time, "true_event": r.event}
+        return {"risk": round(pred.probability, 6), **given}
+    true = {"true_label": -1 if entry.label is None else entry.label}  # the input manifest's label (-1: none given)
+    probs = pred.probabilities
+    if probs is None or len(probs) == 2:
+        return {"probability": round(pred.probability, 6), "label": int(pred.probability >= threshold), **true}
+    names = list(class_names) or [str(i) for i in range(len(probs))]
+    k = int(np.argmax(probs))
+    return {**{prob_column(n): round(float(p), 6) for n, p in zip(names, probs)}, "predicted_class": names[k], "label": k, **true}
 
 
 def add_slide_outputs(rows: list[dict], entry: FeatureEntry, pred: SlidePrediction, out: Path, scales_mpp: Sequence[float],
