@@ -26,7 +26,7 @@ from tqdm import tqdm
 from scripts.cache import stable_hash
 from scripts.features.store import FeatureEntry
 from scripts.inference.outputs import entry_localisation
-from scripts.inference.predict import bag_probability, load_network, patch_attention, scale_name
+from scripts.inference.predict import bag_probability, load_network, mean_probabilities, patch_attention, scale_name
 from scripts.mil.registry import MODELS
 from scripts.workflows.splits import protocol_splits
 
@@ -104,9 +104,22 @@ def _worker_init(threads: int, verbose: bool) -> None:
 
 
 def _entry_key(e: FeatureEntry) -> list:
-    """What a run depends on of a slide: its features and clusters, and the manifest's patient and label (a run
-    cached under an old label is never served)."""
-    return [e.path.name, e.cluster_params(), e.patient_id, e.label]
+    """What a run depends on of a slide: its features and clusters, and the manifest's patient and label (time and
+    event for survival): a run cached under an old label is never served."""
+    key = [e.path.name, e.cluster_params(), e.patient_id, e.label]
+    return key if e.record is None or e.record.time is None else key + [e.record.time, e.record.event]
+
+
+def slide_score(network: Any, entry: FeatureEntry, task: str, num_outputs: int, k: int, m: int, test_bags: int, replacement: bool,
+                seed: int, device: Any) -> float | list[float]:
+    """What the report scores of a slide: P(class 1) (two classes), the class probabilities (K > 2), the risk (survival)."""
+    if task == "survival":
+        from scripts.tasks.survival import risk
+
+        return float(risk(mean_probabilities(network, entry, k, m, test_bags, replacement, seed, device)))
+    if num_outputs > 2:
+        return mean_probabilities(network, entry, k, m, test_bags, replacement, seed, device)
+    return bag_probability(network, entry, k, m, test_bags, replacement, seed, device)
 
 
 def run_one(
@@ -133,16 +146,17 @@ def run_one(
     k, m = parser.get_parsed_content("num_clusters"), parser.get_parsed_content("bag_per_cluster")
     replacement = parser.get_parsed_content("bag_replacement")
     summary = json.loads((tmp / "training_summary.json").read_text())
+    task, n_out = parser.get_parsed_content("task"), parser.get_parsed_content("num_outputs")
     result = {
         "variant": variant.name,
         "best": summary.get("best"),
         **{
-            part: {e.slide_id: bag_probability(network, e, k, m, test_bags, replacement, seed, device) for e in split[part]}
+            part: {e.slide_id: slide_score(network, e, task, n_out, k, m, test_bags, replacement, seed, device) for e in split[part]}
             for part in ("val", "test")
         },
     }
     loc = localisation_on_test_slides(network, split["test"], k, parser.get_parsed_content("dataset_dir"),
-                                      parser.get_parsed_content("scales_mpp"), device)
+                                      parser.get_parsed_content("scales_mpp"), device, task, n_out)
     if loc:
         result["localisation"] = loc
     (tmp / "predictions.json").write_text(json.dumps(result, indent=1))
@@ -153,18 +167,21 @@ def run_one(
 
 
 def localisation_on_test_slides(network: Any, entries: Sequence[FeatureEntry], num_clusters: int, dataset_dir: str | Path,
-                                scales_mpp: Sequence[float], device: Any = "cpu") -> dict[str, float]:
+                                scales_mpp: Sequence[float], device: Any = "cpu", task: str = "classification",
+                                num_outputs: int = 2) -> dict[str, float]:
     """Mean per-scale localisation AUROC of the network's patch attention against the lesion masks of the positive
     test slides (``<dataset_dir>/masks/<slide's folder name>.png``, :mod:`scripts.data.ids`, as the demo and co-location cohorts have); empty when
-    there are no masks or the network has no attention (``forward_attention``)."""
+    there are no masks or the network has no attention (``forward_attention``). K > 2 classes: the slides of classes
+    other than 0, with the maps of their true class; survival: every slide with a lesion, maps of the earliest bin."""
     masks = Path(str(dataset_dir)) / "masks"
     if not hasattr(network, "forward_attention") or not masks.is_dir():
         return {}
     scales = [scale_name(m) for m in scales_mpp]
     per_slide = []
     for e in entries:
-        if e.label == 1:
-            auc = entry_localisation(e, patch_attention(network, e, num_clusters, device)[0], masks)
+        if task == "survival" or (num_outputs > 2 and e.label > 0) or e.label == 1:
+            shown = 0 if task == "survival" else (int(e.label) if num_outputs > 2 else None)
+            auc = entry_localisation(e, patch_attention(network, e, num_clusters, device, shown)[0], masks)
             if auc is not None and None not in auc:
                 per_slide.append(auc)
     if not per_slide or len(scales) != len(per_slide[0]):
@@ -176,7 +193,7 @@ def run_protocol(
     config: Mapping[str, Any], entries: Sequence[FeatureEntry], variants: Sequence[Variant],
     output_dir: str | Path, num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_entries: Sequence[FeatureEntry] = (), is_test: Sequence[bool] | None = None, test_bags: int = 100,
-    device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
+    device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1, task: str = "classification",
 ) -> dict:
     """Run every variant on every split (each trained with the raw training ``config``, see :func:`run_one`).
     Returns ``{"mode", "splits", "slides", "runs": {variant: [per split]}}``.
@@ -199,7 +216,7 @@ def run_protocol(
         raise ValueError("the protocol needs labelled entries with their manifest records (labels never come from the cache)")
     ids = list(by_id)
     splits = protocol_splits(ids, [by_id[i].patient_id for i in ids], [by_id[i].label for i in ids], num_splits,
-                             val_fraction, seed, flags)
+                             val_fraction, seed, flags, allow_one_class=task == "survival")  # survival: label = event
     mode = "external_test" if any(flags) else "cross_validation"
     logger.info("evaluation: %d variants x %d splits (%s), %d slides", len(variants), len(splits), mode, len(ids))
     out_dir = Path(output_dir) / "runs"
@@ -231,6 +248,8 @@ def run_protocol(
     return {
         "mode": mode,
         "splits": splits,
-        "slides": {i: {"patient_id": by_id[i].patient_id, "label": by_id[i].label} for i in ids},
+        "task": task,
+        "slides": {i: {"patient_id": by_id[i].patient_id, "label": by_id[i].label,
+                       **({"time": by_id[i].record.time, "event": by_id[i].record.event} if task == "survival" else {})} for i in ids},
         "runs": runs,
     }

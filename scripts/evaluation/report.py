@@ -211,8 +211,19 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "report.json", "md": out / "report.md"}
-    files.update(plots.write_figures(report, out))
+    task = report["protocol"].get("task")
+    if task == "survival":  # the other tasks' reports (scripts.evaluation.survival_report / multiclass)
+        from scripts.evaluation.survival_report import render_survival, write_km_figure
+
+        files["km"], markdown = write_km_figure(report, out / "km.png"), render_survival(report)
+    elif task == "classification":
+        from scripts.evaluation.multiclass import render_multiclass
+
+        markdown = render_multiclass(report)
+    else:
+        files.update(plots.write_figures(report, out))
+        markdown = render_markdown(report)
     atomic_write_json(files["json"], report)
-    atomic_write_bytes(files["md"], render_markdown(report).encode())
+    atomic_write_bytes(files["md"], markdown.encode())
     logger.info("evaluation report: %s", files["md"])
     return files

@@ -25,7 +25,8 @@ def evaluate(
     reference: str = "csmil", train_overrides: Mapping[str, Any] | None = None, test_entries: Sequence[FeatureEntry] = (), num_splits: int = 10, val_fraction: float = 0.25, seed: int = 0,
     test_bags: int = 100, bootstrap_resamples: int = 2000, bootstrap_by_patient: bool = True,
     ablation_id: str | None = None, ablation_values: Sequence[Any] = (), ablation_models: Sequence[str] = ("csmil",),
-    device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1,
+    device: Any = "cpu", progress: bool = True, verbose: bool = False, workers: int = 1, task: str = "classification",
+    class_names: Sequence[str] = ("0", "1"), ordinal: bool = False,
 ) -> dict[str, Path]:
     """Train and score every model variant on every split, then write ``<output_dir>/report.{json,md}`` and figures.
 
@@ -50,14 +51,24 @@ def evaluate(
                                "pass one of them, or add it to --eval_models")
     result = run_protocol(
         config, entries, variants, Path(output_dir) / "evaluation", num_splits, val_fraction, seed, test_entries,
-        manifest_test_flags(entries), test_bags, device, progress, verbose, workers,
+        manifest_test_flags(entries), test_bags, device, progress, verbose, workers, task,
     )
     protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction, "workers": workers,
                 "train_overrides": {k: str(v) for k, v in (train_overrides or {}).items()}}
-    report = build_report(result, reference, bootstrap_resamples, seed, bootstrap_by_patient, protocol)
+    if task == "survival":
+        from scripts.evaluation.survival_report import build_survival_report
+
+        report, key = build_survival_report(result, reference, bootstrap_resamples, seed, bootstrap_by_patient, protocol), "c_index"
+    elif len(class_names) > 2:
+        from scripts.evaluation.multiclass import build_multiclass_report
+
+        report = build_multiclass_report(result, reference, class_names, as_bool(ordinal), bootstrap_resamples, seed, bootstrap_by_patient, protocol)
+        key = "macro_auc"
+    else:
+        report, key = build_report(result, reference, bootstrap_resamples, seed, bootstrap_by_patient, protocol), "auc"
     report["protocol"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     files = write_report(report, Path(output_dir) / "report")
     ref = report["models"][reference]
-    logger.info("%s: mean AUC %.4f over %d splits; combined AUC %.4f (report: %s)", reference, ref["mean"]["auc"],
-                len(result["splits"]), ref["combined"]["auc"], files["md"])
+    logger.info("%s: mean %s %.4f over %d splits; combined %s %.4f (report: %s)", reference, key, ref["mean"][key],
+                len(result["splits"]), key, ref["combined"][key], files["md"])
     return files

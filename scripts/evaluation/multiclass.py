@@ -1,0 +1,173 @@
+"""The protocol's report for K > 2 classes: macro and per-class one-vs-rest AUC, balanced accuracy, confusion matrix,
+quadratic weighted kappa for ordinal classes (scikit-learn), patient-level bootstrap CIs and the paired bootstrap of
+macro AUC against the reference model (DeLong's test is for two classes)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix
+
+from scripts.evaluation import stats
+
+
+def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean one-vs-rest AUC over the classes present in ``y`` (``p`` [n, K]; sklearn's macro OvR when all are
+    present); NaN with fewer than two classes."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([stats.auc_score((y == c).astype(int), p[:, c]) for c in present]))
+
+
+def balanced_accuracy(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean recall over the classes present, predicting the most probable class."""
+    return float(balanced_accuracy_score(np.asarray(y).astype(int), np.asarray(p).argmax(1)))
+
+
+def kappa(y: np.ndarray, p: np.ndarray) -> float:
+    """Quadratic weighted kappa of the most probable class (ordinal classes)."""
+    y, pred = np.asarray(y).astype(int), np.asarray(p).argmax(1)
+    return float(cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(np.asarray(p).shape[1]))))
+
+
+def multiclass_metrics(y: np.ndarray, p: np.ndarray, class_names: Sequence[str], ordinal: bool = False) -> dict:
+    """Macro and per-class AUC, accuracy, balanced accuracy, confusion matrix (rows true, columns predicted) and,
+    for ordinal classes, the quadratic weighted kappa."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    k = p.shape[1]
+    out = {
+        "n": int(len(y)),
+        "per_class_n": {class_names[c]: int((y == c).sum()) for c in range(k)},
+        "macro_auc": macro_auc(y, p),
+        "per_class_auc": {class_names[c]: (stats.auc_score((y == c).astype(int), p[:, c]) if 0 < (y == c).sum() < len(y) else float("nan"))
+                          for c in range(k)},
+        "accuracy": float(accuracy_score(y, p.argmax(1))),
+        "balanced_accuracy": balanced_accuracy(y, p),
+        "confusion": confusion_matrix(y, p.argmax(1), labels=list(range(k))).tolist(),
+    }
+    if ordinal:
+        out["quadratic_kappa"] = kappa(y, p)
+    return out
+
+
+def _combine(result: dict, variant: str) -> tuple[list[str], np.ndarray]:
+    runs = result["runs"][variant]
+    if result["mode"] == "external_test":
+        ids = list(runs[0]["test"])
+        return ids, np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
+    ids, p = [], []
+    for r in runs:
+        ids += list(r["test"])
+        p += list(r["test"].values())
+    return ids, np.asarray(p, dtype=float)
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    return (float("nan"), float("nan")) if not len(v) else (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+
+def build_multiclass_report(result: dict, reference: str, class_names: Sequence[str], ordinal: bool = False, n_resamples: int = 2000,
+                            seed: int = 0, by_patient: bool = True, protocol: dict | None = None) -> dict:
+    """Per model: per-split macro AUC / balanced accuracy (mean ± sd), the combined predictions' metrics with
+    bootstrap CIs; paired bootstrap of macro AUC, reference minus each model."""
+    names = list(class_names)
+    labels = {i: s["label"] for i, s in result["slides"].items()}
+    metric_fns = {"macro_auc": macro_auc, "balanced_accuracy": balanced_accuracy, **({"quadratic_kappa": kappa} if ordinal else {})}
+    models, combined = {}, {}
+    for name, runs in result["runs"].items():
+        per_split = []
+        for r in runs:
+            ids = list(r["test"])
+            y, p = np.asarray([labels[i] for i in ids]), np.asarray([r["test"][i] for i in ids], dtype=float)
+            per_split.append({k: f(y, p) for k, f in metric_fns.items()} | {"best_epoch": (r.get("best") or {}).get("epoch")})
+        ids, p = _combine(result, name)
+        y = np.asarray([labels[i] for i in ids])
+        groups = [result["slides"][i]["patient_id"] for i in ids] if by_patient else None
+        combined[name] = (ids, y, p, groups)
+        spread = {k: _spread([s[k] for s in per_split]) for k in metric_fns}
+        models[name] = {
+            "per_split": per_split,
+            "mean": {k: v[0] for k, v in spread.items()},
+            "sd": {k: v[1] for k, v in spread.items()},
+            "combined": multiclass_metrics(y, p, names, ordinal),
+            "ci95": {k: stats.bootstrap_ci(y, p, f, n_resamples, seed, groups=groups) for k, f in metric_fns.items()} if len(set(y)) > 1 else {},
+            "predictions": {i: [float(x) for x in v] for i, v in zip(ids, p)},
+        }
+        loc = [r["localisation"] for r in runs if r.get("localisation")]
+        if loc:
+            models[name]["localisation"] = {s: float(np.mean([d[s] for d in loc])) for s in loc[0]}
+    comparisons = {}
+    if reference in combined:
+        ids_r, y, p_ref, groups = combined[reference]
+        for name, (ids, _, p, _) in combined.items():
+            if name == reference or len(set(y)) < 2:
+                continue
+            order = {i: k for k, i in enumerate(ids)}
+            comparisons[name] = {"bootstrap": stats.paired_bootstrap_test(y, p_ref, p[[order[i] for i in ids_r]], macro_auc,
+                                                                          n_resamples, seed, groups)}
+    return {
+        "protocol": {**(protocol or {}), "task": "classification", "classes": names, "ordinal": bool(ordinal), "mode": result["mode"],
+                     "num_splits": len(result["splits"]), "reference": reference, "bootstrap_resamples": n_resamples,
+                     "bootstrap_unit": "patient" if by_patient else "slide", "seed": seed},
+        "splits": result["splits"],
+        "models": models,
+        "comparisons": comparisons,
+    }
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _ci(m: dict, key: str) -> str:
+    c = m["ci95"].get(key)
+    return "n/a" if not c else f"{_f(c['estimate'])} [{_f(c['low'])}, {_f(c['high'])}]"
+
+
+def render_multiclass(report: dict) -> str:
+    """The multi-class report as Markdown."""
+    p = report["protocol"]
+    names, classes = list(report["models"]), p["classes"]
+    kappa_col = p.get("ordinal")
+    lines = ["# CS-MIL evaluation report: " + f"{len(classes)} classes ({', '.join(classes)})", "",
+             f"Protocol: {p['num_splits']} patient-level splits stratified by class ({p['mode'].replace('_', ' ')}); every model trained "
+             "with the same splits and hyper-parameters, its checkpoint chosen by validation loss. 'mean ± sd' is over splits; "
+             f"'combined' pools the test predictions, with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s for "
+             "the 95% CIs. AUC is one-vs-rest; macro = the mean over classes.", "",
+             "## Models", "",
+             "| model | macro AUC (mean ± sd) | macro AUC, combined [95% CI] | balanced accuracy, combined [95% CI] | accuracy | "
+             + ("quadratic kappa [95% CI] | " if kappa_col else "") + " | ".join(f"AUC {c}" for c in classes) + " |",
+             "|---" * (5 + bool(kappa_col) + len(classes)) + "|"]
+    for n in names:
+        m = report["models"][n]
+        c = m["combined"]
+        lines.append(f"| {n} | {_f(m['mean']['macro_auc'])} ± {_f(m['sd']['macro_auc'])} | {_ci(m, 'macro_auc')} | {_ci(m, 'balanced_accuracy')} | "
+                     f"{_f(c['accuracy'])} | " + (f"{_ci(m, 'quadratic_kappa')} | " if kappa_col else "")
+                     + " | ".join(_f(c["per_class_auc"][k]) for k in classes) + " |")
+    lines.append("")
+    if report["comparisons"]:
+        lines += [f"## Table 2: {p['reference']} against each model (paired bootstrap of macro AUC, two-tailed)", "",
+                  "| model | macro AUC | Δ (reference − model) | 95% CI of Δ | p |", "|---|---|---|---|---|"]
+        for n, c in report["comparisons"].items():
+            b = c["bootstrap"]
+            lines.append(f"| {n} | {_f(report['models'][n]['combined']['macro_auc'])} | {_f(b['diff'])} | [{_f(b['low'])}, {_f(b['high'])}] | {_f(b['p'], 4)} |")
+        lines.append("")
+    ref = report["models"].get(p["reference"])
+    if ref:
+        lines += [f"## Confusion matrix of {p['reference']} (combined; rows true, columns predicted)", "",
+                  "| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        lines += [f"| {classes[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(ref["combined"]["confusion"])]
+        lines.append("")
+    located = [n for n in names if report["models"][n].get("localisation")]
+    if located:
+        scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))
+        lines += ["## Attention localisation (AUROC of the true class's patch attention vs lesion masks, test slides of classes "
+                  "other than the first, mean over splits)", "", "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_f(report["models"][n]["localisation"].get(sc)) for sc in scales) + " |" for n in located]
+        lines.append("")
+    return "\n".join(lines)

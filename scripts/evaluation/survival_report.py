@@ -1,0 +1,175 @@
+"""The protocol's report for survival: Harrell's concordance of the predicted risk (lifelines) per split and on the
+combined predictions with a patient-level bootstrap CI, Kaplan-Meier curves of the high- and low-risk halves (split at
+the median combined risk) with a log-rank test, and the paired bootstrap of the c-index against the reference model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from scripts.evaluation.stats import _resample_indices
+from scripts.tasks.survival import concordance
+
+
+def _bootstrap(t: np.ndarray, e: np.ndarray, risks: Sequence[np.ndarray], n: int, seed: int, groups: Sequence | None) -> np.ndarray:
+    """c-index of each risk vector on the same resamples [n_valid, len(risks)] (resamples without an event skipped)."""
+    rng = np.random.default_rng(seed)
+    out: list[list[float]] = []
+    tries = 0
+    while len(out) < n and tries < 10 * n:
+        for idx in _resample_indices(len(t), groups, n - len(out), rng):
+            tries += 1
+            if e[idx].any():
+                out.append([concordance(t[idx], e[idx], r[idx]) for r in risks])
+    return np.asarray(out)
+
+
+def risk_groups(t: np.ndarray, e: np.ndarray, r: np.ndarray) -> dict:
+    """High- vs low-risk halves (at the median risk): Kaplan-Meier curves (lifelines) and the log-rank test."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test
+
+    high = r > np.median(r)
+    if high.all() or not high.any():
+        return {}
+    curves = {}
+    for name, sel in (("low", ~high), ("high", high)):
+        km = KaplanMeierFitter().fit(t[sel], e[sel])
+        sf = km.survival_function_
+        curves[name] = {"time": [float(x) for x in sf.index], "survival": [float(x) for x in sf.iloc[:, 0]], "n": int(sel.sum()),
+                        "median": float(km.median_survival_time_)}
+    test = logrank_test(t[high], t[~high], e[high], e[~high])
+    return {"curves": curves, "logrank_p": float(test.p_value), "logrank_statistic": float(test.test_statistic)}
+
+
+def _combine(result: dict, variant: str) -> tuple[list[str], np.ndarray]:
+    runs = result["runs"][variant]
+    if result["mode"] == "external_test":
+        ids = list(runs[0]["test"])
+        return ids, np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
+    ids, r = [], []
+    for run in runs:
+        ids += list(run["test"])
+        r += list(run["test"].values())
+    return ids, np.asarray(r, dtype=float)
+
+
+def build_survival_report(result: dict, reference: str, n_resamples: int = 2000, seed: int = 0, by_patient: bool = True,
+                          protocol: dict | None = None) -> dict:
+    """Per model: c-index per split (mean ± sd) and combined [95% CI], risk groups; paired bootstrap against ``reference``."""
+    slides = result["slides"]
+    models, combined = {}, {}
+    for name, runs in result["runs"].items():
+        per_split = []
+        for run in runs:
+            ids = list(run["test"])
+            per_split.append({"c_index": concordance([slides[i]["time"] for i in ids], [slides[i]["event"] for i in ids],
+                                                     [run["test"][i] for i in ids]), "best_epoch": (run.get("best") or {}).get("epoch")})
+        ids, r = _combine(result, name)
+        t = np.asarray([slides[i]["time"] for i in ids], float)
+        e = np.asarray([slides[i]["event"] for i in ids], int)
+        groups = [slides[i]["patient_id"] for i in ids] if by_patient else None
+        combined[name] = (ids, t, e, r, groups)
+        vals = np.asarray([s["c_index"] for s in per_split if not math.isnan(s["c_index"])])
+        dist = _bootstrap(t, e, [r], n_resamples, seed, groups)[:, 0]
+        est = concordance(t, e, r)
+        models[name] = {
+            "per_split": per_split,
+            "mean": {"c_index": float(vals.mean()) if len(vals) else float("nan")},
+            "sd": {"c_index": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0},
+            "combined": {"n": int(len(t)), "events": int(e.sum()), "c_index": est, "risk_groups": risk_groups(t, e, r)},
+            "ci95": {"c_index": {"estimate": est, "low": float(np.quantile(dist, 0.025)), "high": float(np.quantile(dist, 0.975)),
+                                 "n_resamples": int(len(dist))}},
+            "predictions": {i: float(v) for i, v in zip(ids, r)},
+        }
+        loc = [run["localisation"] for run in runs if run.get("localisation")]
+        if loc:
+            models[name]["localisation"] = {s: float(np.mean([d[s] for d in loc])) for s in loc[0]}
+    comparisons = {}
+    if reference in combined:
+        ids_r, t, e, r_ref, groups = combined[reference]
+        for name, (ids, _, _, r, _) in combined.items():
+            if name == reference:
+                continue
+            order = {i: k for k, i in enumerate(ids)}
+            other = r[[order[i] for i in ids_r]]
+            observed = concordance(t, e, r_ref) - concordance(t, e, other)
+            dist = _bootstrap(t, e, [r_ref, other], n_resamples, seed, groups)
+            d = dist[:, 0] - dist[:, 1]
+            extreme = int(np.sum(np.abs(d - observed) >= abs(observed) - 1e-12))
+            comparisons[name] = {"bootstrap": {"diff": float(observed), "p": (1 + extreme) / (1 + len(d)), "low": float(np.quantile(d, 0.025)),
+                                               "high": float(np.quantile(d, 0.975)), "n_resamples": int(len(d))}}
+    return {
+        "protocol": {**(protocol or {}), "task": "survival", "mode": result["mode"], "num_splits": len(result["splits"]), "reference": reference,
+                     "bootstrap_resamples": n_resamples, "bootstrap_unit": "patient" if by_patient else "slide", "seed": seed},
+        "splits": result["splits"],
+        "models": models,
+        "comparisons": comparisons,
+    }
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}g}" if nd == 2 else f"{x:.{nd}f}"
+
+
+def render_survival(report: dict) -> str:
+    """The survival report as Markdown (with ``km.png``)."""
+    p = report["protocol"]
+    lines = ["# CS-MIL evaluation report: survival", "",
+             f"Protocol: {p['num_splits']} patient-level splits stratified by event ({p['mode'].replace('_', ' ')}); every model trained "
+             "with the same splits and hyper-parameters (discrete-time likelihood), its checkpoint chosen by validation loss. "
+             "c-index: Harrell's concordance of the predicted risk (lifelines); 'mean ± sd' over splits, 'combined' on the pooled test "
+             f"predictions with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s. Risk groups: the combined "
+             "predictions split at their median; log-rank test of the two Kaplan-Meier curves.", "",
+             "## Models", "",
+             "| model | c-index (mean ± sd) | c-index, combined [95% CI] | median time, low / high risk | log-rank p |", "|---|---|---|---|---|"]
+    for n, m in report["models"].items():
+        c, g = m["combined"], m["combined"]["risk_groups"]
+        ci = m["ci95"]["c_index"]
+        med = f"{_f(g['curves']['low']['median'], 1)} / {_f(g['curves']['high']['median'], 1)}" if g else "n/a"
+        lines.append(f"| {n} | {_f(m['mean']['c_index'])} ± {_f(m['sd']['c_index'])} | {_f(ci['estimate'])} [{_f(ci['low'])}, {_f(ci['high'])}] | "
+                     f"{med} | {_f(g.get('logrank_p'), 2) if g else 'n/a'} |")
+    lines.append("")
+    if report["comparisons"]:
+        lines += [f"## Table 2: {p['reference']} against each model (paired bootstrap of the c-index, two-tailed)", "",
+                  "| model | c-index | Δ (reference − model) | 95% CI of Δ | p |", "|---|---|---|---|---|"]
+        for n, c in report["comparisons"].items():
+            b = c["bootstrap"]
+            lines.append(f"| {n} | {_f(report['models'][n]['combined']['c_index'])} | {_f(b['diff'])} | [{_f(b['low'])}, {_f(b['high'])}] | {_f(b['p'], 4)} |")
+        lines.append("")
+    located = [n for n in report["models"] if report["models"][n].get("localisation")]
+    if located:
+        scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))
+        lines += ["## Attention localisation (AUROC of the earliest time bin's patch attention vs lesion masks, test slides with "
+                  "lesions, mean over splits)", "", "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_f(report["models"][n]["localisation"].get(sc)) for sc in scales) + " |" for n in located]
+        lines.append("")
+    lines += ["## Figures", "", "![km.png](km.png)", ""]
+    return "\n".join(lines)
+
+
+def write_km_figure(report: dict, path) -> Any:
+    """``km.png``: Kaplan-Meier curves of the risk halves, one panel per model (the reference first)."""
+    from scripts.evaluation.plots import _save, plt
+
+    ref = report["protocol"]["reference"]
+    names = sorted(report["models"], key=lambda n: n != ref)
+    cols = min(4, len(names))
+    rows = int(math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    for ax, n in zip(axes.ravel(), names):
+        g = report["models"][n]["combined"]["risk_groups"]
+        for grp, colour in (("low", "tab:blue"), ("high", "crimson")):
+            if g:
+                c = g["curves"][grp]
+                ax.step(c["time"], c["survival"], where="post", color=colour, label=f"{grp} risk (n={c['n']})")
+        ax.set(title=f"{n}\nc {report['models'][n]['combined']['c_index']:.3f}, log-rank p {g.get('logrank_p', float('nan')):.2g}" if g else n,
+               ylim=(0, 1.02), xlabel="time", ylabel="survival")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
