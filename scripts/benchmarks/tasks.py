@@ -1,0 +1,98 @@
+"""The tasks beyond binary on their generated cohorts (``scripts.data.demo.TASK_COHORTS``): the full evaluation
+protocol (``run evaluate``) for every model on the three-class co-location cohort (classes differ in which ring shape
+surrounds the texture) or on the survival cohort (times shorten with the co-located lesion burden).
+
+Key metric per model: the combined (pooled out-of-fold) macro one-vs-rest AUC, or Harrell's c-index. Baseline measured
+in the same run: the best single-scale model (``deepattnmisl_20x/10x/5x``, which see one cue only). Ratios:
+``joint_vs_best_single`` (csmil_joint over the best single-scale model) and ``joint_vs_default`` (over ``dsmil``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scripts.benchmarks.common import report
+from scripts.data.demo import TASK_COHORTS
+
+ROOT = Path(__file__).resolve().parents[2]
+SINGLE_SCALE = ("deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x")
+
+
+def cohort_overrides(name: str, patients: int) -> list[str]:
+    """Command-line overrides that make ``run evaluate`` generate the named cohort and train for its task."""
+    params = dict(TASK_COHORTS[name])
+    size = params.pop("size")
+    out = ["--demo_num_patients", str(patients), "--demo_slide_size", str(size), "--demo_options", json.dumps(params)]
+    if params.get("survival"):
+        return out + ["--task", "survival"]
+    return out + ["--label_map", json.dumps({str(i): i for i in range(params["num_classes"])})]
+
+
+def key_metric(report_json: dict) -> str:
+    return "c_index" if report_json["protocol"].get("task") == "survival" else "macro_auc"
+
+
+def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
+    """Rows (best mean combined metric first) and ratios from each protocol seed's ``report.json``."""
+    seeds = sorted(reports)
+    key = key_metric(reports[seeds[0]])
+    names = [n for n in reports[seeds[0]]["models"] if all(n in reports[s]["models"] for s in seeds)]
+    rows = []
+    for n in names:
+        per = [reports[s]["models"][n] for s in seeds]
+        comb = [m["combined"][key] for m in per]
+        rows.append({"model": n, f"{key}_combined": float(np.mean(comb)), f"{key}_mean_over_splits": float(np.mean([m["mean"][key] for m in per])),
+                     "ci95": " ".join(f"[{m['ci95'][key]['low']:.3f}, {m['ci95'][key]['high']:.3f}]" for m in per),
+                     "per_seed": " ".join(f"{c:.3f}" for c in comb)})
+    rows.sort(key=lambda r: -r[f"{key}_combined"])
+    value = {r["model"]: r[f"{key}_combined"] for r in rows}
+    ratios = {}
+    singles = [value[n] for n in SINGLE_SCALE if n in value]
+    if singles:
+        ratios["best_single_scale"] = max(singles)
+        if "csmil_joint" in value:
+            ratios["joint_vs_best_single"] = value["csmil_joint"] / max(singles)
+    if {"csmil_joint", "dsmil"} <= set(value):
+        ratios["joint_vs_default"] = value["csmil_joint"] / value["dsmil"]
+    return rows, ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks tasks", description=__doc__)
+    ap.add_argument("--cohort", default="multiclass3", choices=sorted(TASK_COHORTS))
+    ap.add_argument("--patients", type=int, default=90)
+    ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--seeds", default="0", help="comma-separated protocol seeds (--eval_seed)")
+    ap.add_argument("--workers", type=int, default=2, help="eval_workers")
+    ap.add_argument("--models", default="default", help="comma-separated, or 'default' (evaluate.yaml's eval_models)")
+    ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the report")
+    ap.add_argument("--workdir", default="outputs/bench-tasks", help="cohort, features and runs (reused when present)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
+    models = [] if args.models == "default" else ["--eval_models", json.dumps(args.models.split(","))]
+    t = time.perf_counter()
+    reports = {}
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        out = work / f"out-seed{seed}"
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
+               "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
+               "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(args.splits),
+               "--eval_workers", str(args.workers), "--eval_reference", "csmil_joint",
+               "--eval_bootstrap_resamples", str(args.bootstrap), *cohort_overrides(args.cohort, args.patients), *models]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-3000:])
+        reports[seed] = json.loads((out / "report" / "report.json").read_text())
+        print(f"seed {seed}: report {out / 'report' / 'report.md'} ({(time.perf_counter() - t) / 60:.1f} min so far)")
+    rows, ratios = summarise(reports)
+    print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {sorted(reports)}, "
+          f"{(time.perf_counter() - t) / 60:.1f} min")
+    report("tasks", rows, ratios, args.json)
