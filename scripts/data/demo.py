@@ -132,8 +132,7 @@ COLOCATION_COHORTS: dict[str, dict] = {
 #: cohorts of the other tasks (docs/evaluation.md "Beyond binary"): three classes told apart by which ring shape
 #: co-locates with the texture, and survival whose times shorten with the co-located lesion burden
 TASK_COHORTS: dict[str, dict] = {
-    "multiclass3": {"size": 2048, "num_classes": 3, "num_structures": 8, "cue_contrast": 1.4, "ring_width_um": 100.0,
-                    "ring_radius_um": 160.0},
+    "multiclass3": {"size": 2048, "num_classes": 3, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
     "survival": {"size": 2048, "survival": True, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
 }
 
