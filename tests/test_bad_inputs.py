@@ -317,6 +317,35 @@ def case_cohort_one_class(tmp):
     train_val_split(["a", "b", "c", "d"], ["p1", "p2", "p3", "p4"], [1, 1, 1, 1], where=str(tmp / "manifest.csv"))
 
 
+def _read_survival(tmp, rows, header="slide_id,patient_id,path,time,event"):
+    from scripts.data.manifest import read_manifest
+
+    _slide(tmp)
+    return read_manifest(_manifest(tmp, rows, header), task="survival")
+
+
+def case_manifest_survival_missing_columns(tmp):
+    _read_survival(tmp, ["a,p1,s.tif,1"], header="slide_id,patient_id,path,label")
+
+
+def case_manifest_survival_negative_time(tmp):
+    _read_survival(tmp, ["a,p1,s.tif,-3,1"])
+
+
+def case_manifest_survival_bad_event(tmp):
+    _read_survival(tmp, ["a,p1,s.tif,12,yes"])
+
+
+def case_manifest_survival_no_events(tmp):
+    _read_survival(tmp, ["a,p1,s.tif,12,0"])
+
+
+def case_label_map_not_numbered(tmp):
+    from scripts.tasks.labels import class_names
+
+    class_names({"normal": 0, "crohn": 2})
+
+
 def case_manifest_same_file_twice(tmp):
     _read(tmp, ["a,p1,s.tif,1", "b,p2,s.tif,0"])
 
@@ -539,7 +568,12 @@ CASES = {
     "slide_grayscale": (case_slide_grayscale, "no colour"),
     "slide_tissue_below_min_tissue": (case_slide_tissue_below_min_tissue, "no patch has"),
     "slide_other_backend_reads_it": (case_slide_other_backend_reads_it, "cannot be opened"),
-    "cohort_one_class": (case_cohort_one_class, "both classes"),
+    "cohort_one_class": (case_cohort_one_class, "at least two classes"),
+    "manifest_survival_missing_columns": (case_manifest_survival_missing_columns, "missing column(s) ['time', 'event']"),
+    "manifest_survival_negative_time": (case_manifest_survival_negative_time, "negative"),
+    "manifest_survival_bad_event": (case_manifest_survival_bad_event, "is not 0 or 1"),
+    "manifest_survival_no_events": (case_manifest_survival_no_events, "no slide has an event"),
+    "label_map_not_numbered": (case_label_map_not_numbered, "numbered 0..K-1"),
     "manifest_same_file_twice": (case_manifest_same_file_twice, "already listed"),
     "manifest_bad_split": (case_manifest_bad_split, "is not one of"),
     "checkpoint_other_settings": (case_checkpoint_other_settings, "trained with scales_mpp = [0.5,1,2]"),

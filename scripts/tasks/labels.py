@@ -15,7 +15,7 @@ def class_names(label_map: Mapping[str, int]) -> list[str]:
     must be exactly 0..K-1 with K >= 2."""
     values = sorted({int(v) for v in label_map.values()})
     if len(values) < 2 or values != list(range(len(values))):
-        raise BundleInputError(None, f"label_map {dict(label_map)} maps to {values}; classes must be numbered 0..K-1 with K >= 2",
+        raise BundleInputError("--label_map", f"label_map {dict(label_map)} maps to {values}; classes must be numbered 0..K-1 with K >= 2",
                                "map the class names to 0, 1, ..., K-1, e.g. --label_map \"{'normal': 0, 'crohn': 1, 'uc': 2}\"")
     names: dict[int, str] = {}
     for name, v in label_map.items():
@@ -28,7 +28,7 @@ def num_outputs(task: str, label_map: Mapping[str, int], survival_bins: int = 4)
     if task == "survival":
         return int(survival_bins)
     if task != "classification":
-        raise BundleInputError(None, f"task {task!r} is not one of {list(TASKS)}", "use --task classification or --task survival")
+        raise BundleInputError("--task", f"task {task!r} is not one of {list(TASKS)}", "use --task classification or --task survival")
     return len(class_names(label_map))
 
 

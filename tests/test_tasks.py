@@ -1,0 +1,241 @@
+"""Tasks beyond binary (issue 28): K-class and survival models, losses, metrics, the protocol and inference columns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from feature_cohort import write_entry
+from scripts.data.bags import BagDataset, balanced_index
+from scripts.errors import BundleInputError
+from scripts.mil.pooling import CriticalInstancePooling
+from scripts.mil.registry import MODELS, build_model
+from scripts.tasks import labels, survival
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_class_names_and_outputs():
+    assert labels.class_names({"0": 0, "1": 1}) == ["0", "1"]
+    assert labels.class_names({"normal": 0, "healthy": 0, "crohn": 1, "uc": 2}) == ["normal", "crohn", "uc"]
+    assert labels.num_outputs("classification", {"a": 0, "b": 1, "c": 2}) == 3
+    assert labels.num_outputs("survival", {"0": 0, "1": 1}, survival_bins=5) == 5
+    with pytest.raises(BundleInputError, match="numbered 0..K-1"):
+        labels.class_names({"a": 1, "b": 2})
+    with pytest.raises(BundleInputError, match="is not one of"):
+        labels.num_outputs("regression", {"0": 0, "1": 1})
+
+
+def test_discrete_time_likelihood_by_hand():
+    cuts = [10.0, 20.0]  # bins: [0, 10), [10, 20), [20, inf)
+    loss = survival.DiscreteTimeNLL(cuts)
+    logits = torch.tensor([[0.5, 0.1, -0.3], [0.2, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    target = torch.tensor([[5.0, 1.0], [15.0, 0.0], [25.0, 0.0]])  # event in bin 0; censored in bin 1; censored in bin 2
+    p = torch.softmax(logits, -1)
+    expected = -(torch.log(p[0, 0]) + torch.log(p[1, 1:].sum()) + torch.log(p[2, 2:].sum())) / 3
+    assert torch.allclose(loss(logits, target), expected)
+    # the bag ensemble hands log-probabilities: the same loss
+    assert torch.allclose(loss(torch.log_softmax(logits, -1), target), expected)
+    assert survival.time_bins(torch.tensor([0.0, 9.9, 10.0, 19.9, 20.0, 99.0]), torch.tensor(cuts)).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_time_cuts_risk_and_concordance():
+    cuts = survival.time_cuts([1, 2, 3, 4, 100, 5], [1, 1, 1, 1, 0, 1], num_bins=2)
+    assert cuts == [3.0]  # median of the observed event times; the censored 100 is left out
+    with pytest.raises(BundleInputError, match="no slide of the training data has an event"):
+        survival.time_cuts([1, 2], [0, 0])
+    r = survival.risk(np.array([[1.0, 0, 0, 0], [0, 0, 0, 1.0], [0.25, 0.25, 0.25, 0.25]]))
+    assert np.allclose(r, [1.0, 0.0, 0.5])
+    t, e = [1, 2, 3, 4], [1, 1, 1, 0]
+    assert survival.concordance(t, e, [4, 3, 2, 1]) == 1.0
+    assert survival.concordance(t, e, [1, 2, 3, 4]) == 0.0
+
+
+def test_two_class_pooling_unchanged_and_k_class_streams():
+    torch.manual_seed(0)
+    h, mask = torch.randn(3, 10, 16), torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    p2 = CriticalInstancePooling(16, 2)
+    with torch.no_grad():
+        _, w, _ = p2(h, mask)
+    assert torch.allclose(p2.class_weights(h, mask)[..., 1], w, atol=1e-6)  # the binary map is class 1's
+    p3 = CriticalInstancePooling(16, 3)
+    with torch.no_grad():
+        logits, w3, a3 = p3(h, mask)
+    assert logits.shape == (3, 3) and w3.shape == a3.shape == (3, 10)
+    assert torch.allclose(w3.sum(1), torch.ones(3)) and float(w3[0, 6:].abs().sum()) == 0.0
+    cw = p3.class_weights(h, mask)
+    pred = logits.argmax(-1)
+    assert torch.allclose(cw[torch.arange(3), :, pred], w3, atol=1e-6)  # forward's weights: the predicted class's
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_has_k_outputs(name):
+    x, mask = torch.randn(2, 3, 16, 8), torch.ones(2, 16, dtype=torch.bool)
+    net = build_model(name, 8, num_classes=3).eval()
+    logits, att = net.forward_attention(x, mask)
+    assert logits.shape == (2, 3) and att["patch"].shape == (2, 16) and att["scale"].shape == (2, 16, 3)
+    if "patch_class" in att:
+        assert att["patch_class"].shape == (2, 16, 3)
+
+
+def test_dsmil_k_class_maps_script():
+    net = build_model("dsmil", 8, num_classes=3).eval()
+    ts = torch.jit.script(net)
+    x, mask = torch.randn(2, 3, 16, 8), torch.ones(2, 16, dtype=torch.bool)
+    logits, att = ts.forward_attention(x, mask)
+    pred = logits.argmax(-1)
+    assert att["scale_class"].shape == (2, 16, 3, 3)
+    assert torch.allclose(att["scale_class"][torch.arange(2), :, :, pred], att["scale"], atol=1e-6)
+    assert torch.allclose(att["patch_class"][torch.arange(2), :, pred], att["patch"], atol=1e-6)
+
+
+def _entries(tmp: Path, labels_: list[int], survival_times: list[tuple[float, int]] | None = None, dim: int = 8):
+    rng = np.random.default_rng(0)
+    out = []
+    for i, lab in enumerate(labels_):
+        e = write_entry(tmp, f"s{i}", f"p{i}", lab, rng.normal(size=(24, 3, dim)) + lab, rng.integers(0, 8, 24))
+        if survival_times:
+            e = replace(e, record=replace(e.record, time=survival_times[i][0], event=survival_times[i][1]))
+        out.append(e)
+    return out
+
+
+def test_balanced_bags_give_every_class_the_same_draws(tmp_path):
+    idx = balanced_index([torch.tensor(y) for y in [0, 0, 0, 0, 0, 0, 1, 1, 2]], bags_per_slide=2)
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])[idx]
+    assert np.bincount(y).tolist() == [12, 12, 12]
+    ds = BagDataset(_entries(tmp_path, [0, 0, 0, 1, 2]), num_clusters=2, per_cluster=2, bags_per_slide=2, balance_classes=True)
+    assert len(ds) == 18 and sorted(int(ds[i]["label"]) for i in range(len(ds))) == [0] * 6 + [1] * 6 + [2] * 6
+
+
+def test_survival_bags_carry_time_and_event(tmp_path):
+    ds = BagDataset(_entries(tmp_path, [1, 0], [(12.5, 1), (30.0, 0)]), num_clusters=2, per_cluster=2, task="survival")
+    assert ds[0]["label"].tolist() == [12.5, 1.0] and ds[4]["label"].tolist() == [30.0, 0.0]
+
+
+def test_multiclass_metrics_match_sklearn():
+    from scripts.evaluation.multiclass import kappa, macro_auc, multiclass_metrics
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 10)
+    p = rng.dirichlet([1, 1, 1], size=30)
+    p[np.arange(30), y] += 0.3
+    p /= p.sum(1, keepdims=True)
+    assert macro_auc(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    m = multiclass_metrics(y, p, ["a", "b", "c"], ordinal=True)
+    assert sum(map(sum, m["confusion"])) == 30 and set(m["per_class_auc"]) == {"a", "b", "c"}
+    assert m["quadratic_kappa"] == pytest.approx(kappa(y, p)) and -1 <= m["quadratic_kappa"] <= 1
+
+
+def test_survival_report_of_a_perfect_and_a_reversed_model():
+    from scripts.evaluation.survival_report import build_survival_report, render_survival
+
+    rng = np.random.default_rng(0)
+    n = 40
+    t = rng.exponential(10, n) + 0.1
+    e = (rng.random(n) < 0.8).astype(int)
+    ids = [f"s{i}" for i in range(n)]
+    slides = {i: {"patient_id": i, "label": int(ev), "time": float(tt), "event": int(ev)} for i, tt, ev in zip(ids, t, e)}
+    half = [ids[: n // 2], ids[n // 2:]]
+    runs = {"good": [{"test": {i: float(-t[int(i[1:])]) for i in part}} for part in half],
+            "reversed": [{"test": {i: float(t[int(i[1:])]) for i in part}} for part in half]}
+    rep = build_survival_report({"mode": "cross_validation", "splits": [{}, {}], "runs": runs, "slides": slides}, "good", n_resamples=100)
+    good, bad = rep["models"]["good"], rep["models"]["reversed"]
+    assert good["combined"]["c_index"] == 1.0 and bad["combined"]["c_index"] == 0.0
+    assert good["combined"]["risk_groups"]["logrank_p"] < 0.05
+    assert good["combined"]["risk_groups"]["curves"]["high"]["median"] < good["combined"]["risk_groups"]["curves"]["low"]["median"]
+    assert rep["comparisons"]["reversed"]["bootstrap"]["diff"] == 1.0
+    assert "| good | 1.000" in render_survival(rep)
+
+
+def test_protocol_for_three_classes_and_for_survival(tmp_path):
+    """The protocol trains every model with configs/train.yaml for the task and writes its report."""
+    from scripts.evaluation import workflow
+    from scripts.workflows.pipeline_config import training_config
+
+    y = [i % 3 for i in range(12)]
+    files = workflow.evaluate(training_config({"max_epochs": 3, "label_map": {"a": 0, "b": 1, "c": 2}, "val_fraction": 0.5}),
+                              _entries(tmp_path / "mc", y, dim=128), tmp_path / "mc-out", models=["dsmil", "deepattnmisl_20x"], reference="dsmil",
+                              num_splits=2, val_fraction=0.5, test_bags=4, bootstrap_resamples=50, progress=False, class_names=["a", "b", "c"],
+                              ordinal=True)
+    rep = json.loads(files["json"].read_text())
+    m = rep["models"]["dsmil"]
+    assert rep["protocol"]["classes"] == ["a", "b", "c"] and len(m["predictions"]) == 12
+    assert all(len(v) == 3 and abs(sum(v) - 1) < 1e-4 for v in m["predictions"].values())
+    assert 0 <= m["combined"]["macro_auc"] <= 1 and "quadratic_kappa" in m["combined"] and "deepattnmisl_20x" in rep["comparisons"]
+    assert "macro AUC" in files["md"].read_text()
+
+    times = [(float(5 + 3 * i), int(i % 3 != 2)) for i in range(18)]
+    files = workflow.evaluate(training_config({"max_epochs": 3, "task": "survival", "survival_bins": 3, "val_fraction": 0.5}),
+                              _entries(tmp_path / "sv", [ev for _, ev in times], times, dim=128), tmp_path / "sv-out", models=["dsmil"],
+                              reference="dsmil", num_splits=2, val_fraction=0.5, test_bags=4, bootstrap_resamples=50, progress=False,
+                              task="survival")
+    rep = json.loads(files["json"].read_text())
+    c = rep["models"]["dsmil"]["combined"]
+    assert rep["protocol"]["task"] == "survival" and 0 <= c["c_index"] <= 1 and c["events"] == 12
+    assert all(0 <= r <= 1 for r in rep["models"]["dsmil"]["predictions"].values())
+    assert (files["json"].parent / "km.png").is_file() and "c-index" in files["md"].read_text()
+    run = next((tmp_path / "sv-out" / "evaluation" / "runs" / "dsmil").glob("split_0-*"))
+    from scripts.checkpoint.contract import read_file
+
+    contract = read_file(run / "model.pt")
+    assert contract["task"] == "survival" and len(contract["survival_cuts"]) == 2
+
+
+def test_prediction_columns_per_task(tmp_path):
+    from scripts.inference.outputs import prediction_columns
+    from scripts.inference.predict import SlidePrediction
+
+    e = _entries(tmp_path, [2], [(7.0, 1)])[0]
+    pred = SlidePrediction("s0", 0.5, np.zeros((1, 3)), np.zeros((1, 3)), 0.1, np.array([0.2, 0.3, 0.5]), 2)
+    assert prediction_columns(e, pred, task="classification", class_names=["n", "cd", "uc"]) == {
+        "prob_n": 0.2, "prob_cd": 0.3, "prob_uc": 0.5, "predicted_class": "uc", "label": 2, "true_label": 2}
+    assert prediction_columns(e, replace(pred, probability=0.8), task="survival") == {"risk": 0.8, "true_time": 7.0, "true_event": 1}
+    two = replace(pred, probability=0.7, probabilities=np.array([0.3, 0.7]), map_class=None)
+    assert prediction_columns(e, two, threshold=0.5) == {"probability": 0.7, "label": 1, "true_label": 2}
+
+
+@pytest.mark.slow
+def test_three_class_training_inference_and_a_task_mismatch(tmp_path):
+    """`run training` with a three-class label_map on the generated cohort, `run inference` writes prob_<name> and the maps of
+    the predicted class, and inference refuses to run the checkpoint as a survival model."""
+    common = ["--dataset_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "models"),
+              "--progress", "false"]
+    train = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml", *common,
+             "--label_map", "{'normal': 0, 'circle': 1, 'square': 2}",
+             "--demo_if_missing", "false", "--max_epochs", "2", "--val_fraction", "0.5"]
+    # the generated manifest writes class indices; the label_map names them
+    subprocess.run([sys.executable, "-c", "from scripts.data.demo import DemoParams, generate_demo; import sys; "
+                    "generate_demo(sys.argv[1], DemoParams(num_patients=6, size=1024, num_classes=3), progress=False)",
+                    str(tmp_path / "data")], cwd=ROOT, check=True, capture_output=True)
+    manifest = tmp_path / "data" / "manifest.csv"
+    names = {"0": "normal", "1": "circle", "2": "square"}
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([rows[0]] + [",".join(r.split(",")[:3] + [names[r.split(",")[3]]] + r.split(",")[4:]) for r in rows[1:]]) + "\n")
+    r = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input", str(manifest),
+             "--output_dir", str(tmp_path / "inf"), "--cache_dir", str(tmp_path / "out" / "cache"), "--ckpt_dir", str(tmp_path / "models"),
+             "--progress", "false"]
+    r = subprocess.run(infer, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "inf" / "predictions.csv").open()))
+    assert len(rows) == 6 and {"prob_normal", "prob_circle", "prob_square", "predicted_class"} <= set(rows[0])
+    for row in rows:
+        probs = {n: float(row[f"prob_{n}"]) for n in ("normal", "circle", "square")}
+        assert abs(sum(probs.values()) - 1) < 1e-4 and row["predicted_class"] == max(probs, key=probs.get)
+        pj = json.loads((tmp_path / "inf" / row["slide_id"] / "prediction.json").read_text())
+        assert pj["map_class_name"] == row["predicted_class"] and (tmp_path / "inf" / row["slide_id"] / "attention_20x.tif").is_file()
+    r = subprocess.run(infer + ["--task", "survival"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "trained with task = classification but this run has task = survival" in r.stderr
