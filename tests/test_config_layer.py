@@ -549,7 +549,7 @@ def test_a_relabelled_manifest_changes_trainings_labels_without_new_extraction(t
     one_class = relabelled("all_positive", lambda r: 1)
     with pytest.raises(Exception) as err:  # was silently trained on the cached labels before 0.15
         one_class.get_parsed_content("split")
-    assert "both classes" in str(find_input_error(err.value))
+    assert "at least two classes" in str(find_input_error(err.value))
 
 
 def test_a_nested_override_of_the_preprocessing_reaches_inference_and_the_export(tmp_path):
