@@ -53,3 +53,26 @@ def report(name: str, rows: list[dict], ratios: dict[str, float], json_path: str
 
 def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bootstrap: int, overrides: list[str]) -> dict[int, dict]:
+    """``run evaluate`` (train.yaml + evaluate.yaml, reference csmil_joint) on the cohort in ``work`` once per protocol
+    seed, with ``overrides`` (cohort, task, models); returns each seed's ``report.json``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    t = time.perf_counter()
+    reports = {}
+    for seed in seeds:
+        out = work / f"out-seed{seed}"
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
+               "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
+               "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(splits), "--eval_workers", str(workers),
+               "--eval_reference", "csmil_joint", "--eval_bootstrap_resamples", str(bootstrap), *overrides]
+        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-3000:])
+        reports[seed] = json.loads((out / "report" / "report.json").read_text())
+        print(f"seed {seed}: report {out / 'report' / 'report.md'} ({(time.perf_counter() - t) / 60:.1f} min so far)")
+    return reports

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from scripts.benchmarks.common import report
+from scripts.benchmarks.common import protocol_reports, report
 from scripts.data.demo import TASK_COHORTS
 
-ROOT = Path(__file__).resolve().parents[2]
 SINGLE_SCALE = ("deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x")
 
 
@@ -79,19 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
     models = [] if args.models == "default" else ["--eval_models", json.dumps(args.models.split(","))]
     t = time.perf_counter()
-    reports = {}
-    for seed in [int(x) for x in args.seeds.split(",")]:
-        out = work / f"out-seed{seed}"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
-               "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
-               "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(args.splits),
-               "--eval_workers", str(args.workers), "--eval_reference", "csmil_joint",
-               "--eval_bootstrap_resamples", str(args.bootstrap), *cohort_overrides(args.cohort, args.patients), *models]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(r.stderr[-3000:])
-        reports[seed] = json.loads((out / "report" / "report.json").read_text())
-        print(f"seed {seed}: report {out / 'report' / 'report.md'} ({(time.perf_counter() - t) / 60:.1f} min so far)")
+    reports = protocol_reports(work, [int(x) for x in args.seeds.split(",")], args.splits, args.workers, args.bootstrap,
+                               [*cohort_overrides(args.cohort, args.patients), *models])
     rows, ratios = summarise(reports)
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {sorted(reports)}, "
           f"{(time.perf_counter() - t) / 60:.1f} min")

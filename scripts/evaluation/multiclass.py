@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix
 
 from scripts.evaluation import stats
+from scripts.evaluation.report import aligned, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
 
 
 def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -54,18 +55,6 @@ def multiclass_metrics(y: np.ndarray, p: np.ndarray, class_names: Sequence[str],
     return out
 
 
-def _combine(result: dict, variant: str) -> tuple[list[str], np.ndarray]:
-    runs = result["runs"][variant]
-    if result["mode"] == "external_test":
-        ids = list(runs[0]["test"])
-        return ids, np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
-    ids, p = [], []
-    for r in runs:
-        ids += list(r["test"])
-        p += list(r["test"].values())
-    return ids, np.asarray(p, dtype=float)
-
-
 def _spread(values: Sequence[float]) -> tuple[float, float]:
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
     return (float("nan"), float("nan")) if not len(v) else (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
@@ -85,7 +74,7 @@ def build_multiclass_report(result: dict, reference: str, class_names: Sequence[
             ids = list(r["test"])
             y, p = np.asarray([labels[i] for i in ids]), np.asarray([r["test"][i] for i in ids], dtype=float)
             per_split.append({k: f(y, p) for k, f in metric_fns.items()} | {"best_epoch": (r.get("best") or {}).get("epoch")})
-        ids, p = _combine(result, name)
+        ids, p = pooled_scores(result, name)
         y = np.asarray([labels[i] for i in ids])
         groups = [result["slides"][i]["patient_id"] for i in ids] if by_patient else None
         combined[name] = (ids, y, p, groups)
@@ -98,26 +87,18 @@ def build_multiclass_report(result: dict, reference: str, class_names: Sequence[
             "ci95": {k: stats.bootstrap_ci(y, p, f, n_resamples, seed, groups=groups) for k, f in metric_fns.items()} if len(set(y)) > 1 else {},
             "predictions": {i: [float(x) for x in v] for i, v in zip(ids, p)},
         }
-        loc = [r["localisation"] for r in runs if r.get("localisation")]
-        if loc:
-            models[name]["localisation"] = {s: float(np.mean([d[s] for d in loc])) for s in loc[0]}
+        if mean_localisation(runs):
+            models[name]["localisation"] = mean_localisation(runs)
     comparisons = {}
     if reference in combined:
         ids_r, y, p_ref, groups = combined[reference]
         for name, (ids, _, p, _) in combined.items():
             if name == reference or len(set(y)) < 2:
                 continue
-            order = {i: k for k, i in enumerate(ids)}
-            comparisons[name] = {"bootstrap": stats.paired_bootstrap_test(y, p_ref, p[[order[i] for i in ids_r]], macro_auc,
+            comparisons[name] = {"bootstrap": stats.paired_bootstrap_test(y, p_ref, aligned(ids_r, ids, p), macro_auc,
                                                                           n_resamples, seed, groups)}
-    return {
-        "protocol": {**(protocol or {}), "task": "classification", "classes": names, "ordinal": bool(ordinal), "mode": result["mode"],
-                     "num_splits": len(result["splits"]), "reference": reference, "bootstrap_resamples": n_resamples,
-                     "bootstrap_unit": "patient" if by_patient else "slide", "seed": seed},
-        "splits": result["splits"],
-        "models": models,
-        "comparisons": comparisons,
-    }
+    return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons, task="classification",
+                    classes=names, ordinal=bool(ordinal))
 
 
 def _f(x: Any, nd: int = 3) -> str:
@@ -150,24 +131,12 @@ def render_multiclass(report: dict) -> str:
                      f"{_f(c['accuracy'])} | " + (f"{_ci(m, 'quadratic_kappa')} | " if kappa_col else "")
                      + " | ".join(_f(c["per_class_auc"][k]) for k in classes) + " |")
     lines.append("")
-    if report["comparisons"]:
-        lines += [f"## Table 2: {p['reference']} against each model (paired bootstrap of macro AUC, two-tailed)", "",
-                  "| model | macro AUC | Δ (reference − model) | 95% CI of Δ | p |", "|---|---|---|---|---|"]
-        for n, c in report["comparisons"].items():
-            b = c["bootstrap"]
-            lines.append(f"| {n} | {_f(report['models'][n]['combined']['macro_auc'])} | {_f(b['diff'])} | [{_f(b['low'])}, {_f(b['high'])}] | {_f(b['p'], 4)} |")
-        lines.append("")
+    lines += bootstrap_table(report, "macro_auc", "macro AUC")
     ref = report["models"].get(p["reference"])
     if ref:
         lines += [f"## Confusion matrix of {p['reference']} (combined; rows true, columns predicted)", "",
                   "| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
         lines += [f"| {classes[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(ref["combined"]["confusion"])]
         lines.append("")
-    located = [n for n in names if report["models"][n].get("localisation")]
-    if located:
-        scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))
-        lines += ["## Attention localisation (AUROC of the true class's patch attention vs lesion masks, test slides of classes "
-                  "other than the first, mean over splits)", "", "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join(_f(report["models"][n]["localisation"].get(sc)) for sc in scales) + " |" for n in located]
-        lines.append("")
+    lines += localisation_table(report, "the true class's patch attention vs lesion masks, test slides of classes other than the first")
     return "\n".join(lines)

@@ -63,6 +63,26 @@ def combine(result: dict, variant: str, thresholds: list[float]) -> tuple[list[s
     return ids, np.asarray(p, dtype=float), thr
 
 
+def pooled_scores(result: dict, variant: str) -> tuple[list[str], np.ndarray]:
+    """One score (a probability, a class-probability vector or a risk) per test slide: the mean over the split models
+    (external test set) or the out-of-fold score (cross-validation). Returns (slide ids, scores)."""
+    runs = result["runs"][variant]
+    if result["mode"] == "external_test":
+        ids = list(runs[0]["test"])
+        return ids, np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
+    ids, scores = [], []
+    for r in runs:
+        ids += list(r["test"])
+        scores += list(r["test"].values())
+    return ids, np.asarray(scores, dtype=float)
+
+
+def aligned(ids_ref: Sequence[str], ids: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    """``scores`` (ordered as ``ids``) reordered to ``ids_ref``: paired comparisons score the same slides."""
+    order = {i: k for k, i in enumerate(ids)}
+    return scores[[order[i] for i in ids_ref]]
+
+
 def _yp(result: dict, preds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     ids = list(preds)
     return np.asarray([result["slides"][i]["label"] for i in ids]), np.asarray([preds[i] for i in ids], dtype=float)
@@ -105,28 +125,64 @@ def build_report(
                        "pr": {"precision": list(map(float, prec)), "recall": list(map(float, rec))}},
             "predictions": {i: float(v) for i, v in zip(ids, p)},
         }
-        loc = [r["localisation"] for r in runs if r.get("localisation")]
-        if loc:  # attention models on cohorts with lesion masks: mean over splits, per scale
-            models[name]["localisation"] = {s: float(np.mean([d[s] for d in loc])) for s in loc[0]}
+        if mean_localisation(runs):  # attention models on cohorts with lesion masks: mean over splits, per scale
+            models[name]["localisation"] = mean_localisation(runs)
     comparisons = {}
     if reference in combined:
         ids_r, y, p_ref, groups = combined[reference]
         for name, (ids, _, p, _) in combined.items():
             if name == reference or len(set(y)) < 2:
                 continue
-            order = {i: k for k, i in enumerate(ids)}
-            p_other = p[[order[i] for i in ids_r]]
+            p_other = aligned(ids_r, ids, p)
             comparisons[name] = {
                 "delong": stats.delong_test(y, p_ref, p_other),
                 "bootstrap": stats.paired_bootstrap_test(y, p_ref, p_other, stats.auc_score, n_resamples, seed, groups),
             }
+    return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons)
+
+
+def envelope(result: dict, reference: str, n_resamples: int, seed: int, by_patient: bool, protocol: dict | None, models: dict,
+             comparisons: dict, **task: Any) -> dict:
+    """The report dict every task writes: protocol (with the ``task`` fields), splits, models, comparisons."""
     return {
-        "protocol": {**(protocol or {}), "mode": result["mode"], "num_splits": len(result["splits"]), "reference": reference,
+        "protocol": {**(protocol or {}), **task, "mode": result["mode"], "num_splits": len(result["splits"]), "reference": reference,
                      "bootstrap_resamples": n_resamples, "bootstrap_unit": "patient" if by_patient else "slide", "seed": seed},
         "splits": result["splits"],
         "models": models,
         "comparisons": comparisons,
     }
+
+
+def mean_localisation(runs: Sequence[dict]) -> dict[str, float] | None:
+    """Per-scale localisation AUROC averaged over the splits that have one (None without lesion masks)."""
+    loc = [r["localisation"] for r in runs if r.get("localisation")]
+    return {s: float(np.mean([d[s] for d in loc])) for s in loc[0]} if loc else None
+
+
+def localisation_table(report: dict, what: str) -> list[str]:
+    """The report's localisation table (AUROC of ``what``, mean over splits; 20x first), empty without one."""
+    located = [n for n in report["models"] if report["models"][n].get("localisation")]
+    if not located:
+        return []
+    scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))
+    lines = [f"## Attention localisation (AUROC of {what}, mean over splits)", "",
+             "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(_fmt(report["models"][n]["localisation"].get(sc), 3) for sc in scales) + " |" for n in located]
+    return lines + [""]
+
+
+def bootstrap_table(report: dict, key: str, what: str, nd: int = 3) -> list[str]:
+    """Table 2 of the other tasks: the paired bootstrap of ``key`` (combined), the reference minus each model."""
+    if not report["comparisons"]:
+        return []
+    ref = report["protocol"]["reference"]
+    lines = [f"## Table 2: {ref} against each model (paired bootstrap of {what}, two-tailed)", "",
+             f"| model | {what} | Δ (reference − model) | 95% CI of Δ | p |", "|---|---|---|---|---|"]
+    for n, c in report["comparisons"].items():
+        b = c["bootstrap"]
+        lines.append(f"| {n} | {_fmt(report['models'][n]['combined'][key], nd)} | {_fmt(b['diff'], nd)} | [{_fmt(b['low'], nd)}, "
+                     f"{_fmt(b['high'], nd)}] | {_fmt(b['p'])} |")
+    return lines + [""]
 
 
 def _fmt(x: Any, nd: int = 4) -> str:
@@ -184,13 +240,7 @@ def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png",
     t4 = [n for n in names if "[" in n]
     if t4:
         lines += ["## Table 4: ablation", "", *_model_table(report, t4), ""]
-    located = [n for n in names if report["models"][n].get("localisation")]
-    if located:
-        scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))  # 20x first
-        lines += ["## Attention localisation (AUROC of patch attention vs lesion masks, positive test slides, mean over splits)", "",
-                  "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join(_fmt(report["models"][n]["localisation"].get(sc), 3) for sc in scales) + " |" for n in located]
-        lines.append("")
+    lines += localisation_table(report, "patch attention vs lesion masks, positive test slides")
     lines += ["## Thresholds and calibration (combined predictions)", "",
               "| model | sens / spec @0.5 | balanced acc @0.5 | sens / spec @val threshold | balanced acc @val | Brier | ECE |", "|---|---|---|---|---|---|---|"]
     for n in names:

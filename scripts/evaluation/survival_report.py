@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scripts.evaluation.report import aligned, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
 from scripts.evaluation.stats import _resample_indices
 from scripts.tasks.survival import concordance
 
@@ -44,18 +45,6 @@ def risk_groups(t: np.ndarray, e: np.ndarray, r: np.ndarray) -> dict:
     return {"curves": curves, "logrank_p": float(test.p_value), "logrank_statistic": float(test.test_statistic)}
 
 
-def _combine(result: dict, variant: str) -> tuple[list[str], np.ndarray]:
-    runs = result["runs"][variant]
-    if result["mode"] == "external_test":
-        ids = list(runs[0]["test"])
-        return ids, np.mean([[r["test"][i] for i in ids] for r in runs], axis=0)
-    ids, r = [], []
-    for run in runs:
-        ids += list(run["test"])
-        r += list(run["test"].values())
-    return ids, np.asarray(r, dtype=float)
-
-
 def build_survival_report(result: dict, reference: str, n_resamples: int = 2000, seed: int = 0, by_patient: bool = True,
                           protocol: dict | None = None) -> dict:
     """Per model: c-index per split (mean ± sd) and combined [95% CI], risk groups; paired bootstrap against ``reference``."""
@@ -67,7 +56,7 @@ def build_survival_report(result: dict, reference: str, n_resamples: int = 2000,
             ids = list(run["test"])
             per_split.append({"c_index": concordance([slides[i]["time"] for i in ids], [slides[i]["event"] for i in ids],
                                                      [run["test"][i] for i in ids]), "best_epoch": (run.get("best") or {}).get("epoch")})
-        ids, r = _combine(result, name)
+        ids, r = pooled_scores(result, name)
         t = np.asarray([slides[i]["time"] for i in ids], float)
         e = np.asarray([slides[i]["event"] for i in ids], int)
         groups = [slides[i]["patient_id"] for i in ids] if by_patient else None
@@ -84,30 +73,22 @@ def build_survival_report(result: dict, reference: str, n_resamples: int = 2000,
                                  "n_resamples": int(len(dist))}},
             "predictions": {i: float(v) for i, v in zip(ids, r)},
         }
-        loc = [run["localisation"] for run in runs if run.get("localisation")]
-        if loc:
-            models[name]["localisation"] = {s: float(np.mean([d[s] for d in loc])) for s in loc[0]}
+        if mean_localisation(runs):
+            models[name]["localisation"] = mean_localisation(runs)
     comparisons = {}
     if reference in combined:
         ids_r, t, e, r_ref, groups = combined[reference]
         for name, (ids, _, _, r, _) in combined.items():
             if name == reference:
                 continue
-            order = {i: k for k, i in enumerate(ids)}
-            other = r[[order[i] for i in ids_r]]
+            other = aligned(ids_r, ids, r)
             observed = concordance(t, e, r_ref) - concordance(t, e, other)
             dist = _bootstrap(t, e, [r_ref, other], n_resamples, seed, groups)
             d = dist[:, 0] - dist[:, 1]
             extreme = int(np.sum(np.abs(d - observed) >= abs(observed) - 1e-12))
             comparisons[name] = {"bootstrap": {"diff": float(observed), "p": (1 + extreme) / (1 + len(d)), "low": float(np.quantile(d, 0.025)),
                                                "high": float(np.quantile(d, 0.975)), "n_resamples": int(len(d))}}
-    return {
-        "protocol": {**(protocol or {}), "task": "survival", "mode": result["mode"], "num_splits": len(result["splits"]), "reference": reference,
-                     "bootstrap_resamples": n_resamples, "bootstrap_unit": "patient" if by_patient else "slide", "seed": seed},
-        "splits": result["splits"],
-        "models": models,
-        "comparisons": comparisons,
-    }
+    return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons, task="survival")
 
 
 def _f(x: Any, nd: int = 3) -> str:
@@ -132,20 +113,8 @@ def render_survival(report: dict) -> str:
         lines.append(f"| {n} | {_f(m['mean']['c_index'])} ± {_f(m['sd']['c_index'])} | {_f(ci['estimate'])} [{_f(ci['low'])}, {_f(ci['high'])}] | "
                      f"{med} | {_f(g.get('logrank_p'), 2) if g else 'n/a'} |")
     lines.append("")
-    if report["comparisons"]:
-        lines += [f"## Table 2: {p['reference']} against each model (paired bootstrap of the c-index, two-tailed)", "",
-                  "| model | c-index | Δ (reference − model) | 95% CI of Δ | p |", "|---|---|---|---|---|"]
-        for n, c in report["comparisons"].items():
-            b = c["bootstrap"]
-            lines.append(f"| {n} | {_f(report['models'][n]['combined']['c_index'])} | {_f(b['diff'])} | [{_f(b['low'])}, {_f(b['high'])}] | {_f(b['p'], 4)} |")
-        lines.append("")
-    located = [n for n in report["models"] if report["models"][n].get("localisation")]
-    if located:
-        scales = sorted(report["models"][located[0]]["localisation"], key=lambda sc: -float(sc.rstrip("x")))
-        lines += ["## Attention localisation (AUROC of the earliest time bin's patch attention vs lesion masks, test slides with "
-                  "lesions, mean over splits)", "", "| model | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join(_f(report["models"][n]["localisation"].get(sc)) for sc in scales) + " |" for n in located]
-        lines.append("")
+    lines += bootstrap_table(report, "c_index", "the c-index")
+    lines += localisation_table(report, "the earliest time bin's patch attention vs lesion masks, test slides with lesions")
     lines += ["## Figures", "", "![km.png](km.png)", ""]
     return "\n".join(lines)
 
