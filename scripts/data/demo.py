@@ -132,17 +132,29 @@ COLOCATION_COHORTS: dict[str, dict] = {
 #: cohorts of the other tasks (docs/evaluation.md "Beyond binary"): three classes told apart by which ring shape
 #: co-locates with the texture, and survival whose times shorten with the co-located lesion burden
 TASK_COHORTS: dict[str, dict] = {
-    "multiclass3": {"size": 2048, "num_classes": 3, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
-    "survival": {"size": 2048, "survival": True, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
+    # the 'clean' geometry (texture disc 80 µm, ring from 170 µm: a 20x field inside the disc never reaches the ring)
+    "multiclass3": {"size": 2048, "num_classes": 3, "lesions_per_positive": 2, "cue_contrast": 1.4, "texture_radius_um": 80.0,
+                    "ring_radius_um": 170.0, "ring_width_um": 80.0},
+    "survival": {"size": 2048, "survival": True, "cue_contrast": 1.4, "texture_radius_um": 80.0, "ring_radius_um": 170.0,
+                 "ring_width_um": 80.0},
+    # measured first (docs/evaluation.md): one co-location in classes 1 and 2 only, and strong2's geometry, where a
+    # 20x field at the texture disc's edge also holds the ring's inner edge
+    "multiclass3_one_lesion": {"size": 2048, "num_classes": 3, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
+    "survival_strong2": {"size": 2048, "survival": True, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
 }
 
 
 def _class_kinds(label: int, params: DemoParams, rng: np.random.Generator) -> list[str]:
     """Structure kinds of a three-class slide, in units of four (``R`` circular ring, ``Q`` square ring, ``T``
-    texture, ``S`` plain tint): class 0 ``T, T, R+S, Q+S``; class 1 ``R+T, T, S, Q+S``; class 2 ``Q+T, T, R+S, S``.
-    Every class shows two textured discs, two tints, one circular and one square ring per unit: only which ring
-    surrounds a texture (a 5x shape at the place of a 20x texture) tells them apart."""
-    unit = {0: ["T", "T", "R+S", "Q+S"], 1: ["R+T", "T", "S", "Q+S"], 2: ["Q+T", "T", "R+S", "S"]}[int(label)]
+    texture, ``S`` plain tint). ``lesions_per_positive`` 2: every slide holds two co-locations, class 0 ``R+T, R+T,
+    Q+S, Q+S`` (texture in circles), class 1 ``Q+T, Q+T, R+S, R+S`` (in squares), class 2 ``R+T, Q+T, R+S, Q+S``
+    (one of each); otherwise class 0 ``T, T, R+S, Q+S`` (none), class 1 ``R+T, T, S, Q+S``, class 2 ``Q+T, T, R+S,
+    S``. Either way every class shows the same numbers of textures, tints, circular and square rings: only which ring
+    surrounds a texture (a 5x shape at the place of a 20x texture) tells the classes apart."""
+    if params.lesions_per_positive >= 2:
+        unit = {0: ["R+T", "R+T", "Q+S", "Q+S"], 1: ["Q+T", "Q+T", "R+S", "R+S"], 2: ["R+T", "Q+T", "R+S", "Q+S"]}[int(label)]
+    else:
+        unit = {0: ["T", "T", "R+S", "Q+S"], 1: ["R+T", "T", "S", "Q+S"], 2: ["Q+T", "T", "R+S", "S"]}[int(label)]
     kinds = unit * (params.num_structures // 4)
     rng.shuffle(kinds)
     return kinds
