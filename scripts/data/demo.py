@@ -41,6 +41,8 @@ STROMA = np.array([232, 168, 200], np.float32)
 NUCLEUS = np.array([118, 62, 150], np.float32)
 DOT = np.array([80, 30, 110], np.float32)
 RING = np.array([196, 110, 168], np.float32)
+RING_2 = np.array([150, 150, 205], np.float32)  # the second ring of a three-class cohort with second_ring='colour'
+
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,10 @@ class DemoParams:
         num_structures: structure slots per slide, laid out on a square grid (4 = 2x2).
         lesions_per_positive: lesions (``R+T``) in a positive slide, cue counts balanced between the classes
             (see :func:`_structure_kinds`); 0 = the demo's draw (one lesion, a second with probability 1/3).
-        num_classes: 3 makes a three-class co-location cohort (:func:`_class_kinds`): class 0 shows no co-location,
-            class 1 a circular ring around the texture, class 2 a square ring around it (2 = the binary demo).
+        num_classes: 3 makes a three-class co-location cohort (:func:`_class_kinds`): the classes differ in which of
+            two rings (``R``, ``Q``) surrounds the texture (2 = the binary demo).
+        second_ring: what tells ring ``Q`` from ring ``R`` in a three-class cohort: ``square`` (a square frame of the
+            same radius and colour) or ``colour`` (a circle of another colour, ``RING_2``).
         survival: a survival cohort (:func:`survival_outcome`): patient ``p`` holds ``p % (max_lesions + 1)``
             lesions (cue counts balanced as in the co-location cohorts), times shorten with that burden, some are
             censored; the manifest gets ``time`` and ``event`` (label = the burden, for reading only).
@@ -89,8 +93,11 @@ class DemoParams:
     lesions_per_positive: int = 0
     num_classes: int = 2
     survival: bool = False
+    second_ring: str = "square"
 
     def __post_init__(self) -> None:
+        if self.second_ring not in ("square", "colour"):
+            raise ValueError(f"second_ring must be 'square' or 'colour', got {self.second_ring!r}")
         if self.num_classes not in (2, 3):
             raise ValueError(f"num_classes must be 2 or 3, got {self.num_classes}")
         if self.num_classes == 3 and self.num_structures % 4:
@@ -114,7 +121,8 @@ class DemoParams:
 
 
 #: fields added after the first demo release (left out of :meth:`DemoParams.to_dict` at their defaults)
-_LATER_FIELDS = ("cue_contrast", "texture_period_um", "ring_shape", "num_structures", "lesions_per_positive", "num_classes", "survival")
+_LATER_FIELDS = ("cue_contrast", "texture_period_um", "ring_shape", "num_structures", "lesions_per_positive", "num_classes", "survival",
+                 "second_ring")
 
 #: co-location cohorts of the fusion ablation (docs/evaluation.md): the demo's label principle with other cue
 #: sizes, contrasts, shapes, lesion counts and pyramid levels
@@ -133,11 +141,14 @@ COLOCATION_COHORTS: dict[str, dict] = {
 #: co-locates with the texture, and survival whose times shorten with the co-located lesion burden
 TASK_COHORTS: dict[str, dict] = {
     # the 'clean' geometry (texture disc 80 µm, ring from 170 µm: a 20x field inside the disc never reaches the ring)
-    "multiclass3": {"size": 2048, "num_classes": 3, "lesions_per_positive": 2, "cue_contrast": 1.4, "texture_radius_um": 80.0,
-                    "ring_radius_um": 170.0, "ring_width_um": 80.0},
+    "multiclass3": {"size": 2048, "num_classes": 3, "lesions_per_positive": 2, "second_ring": "colour", "cue_contrast": 1.4,
+                    "texture_radius_um": 80.0, "ring_radius_um": 170.0, "ring_width_um": 80.0},
     "survival": {"size": 2048, "survival": True, "cue_contrast": 1.4, "texture_radius_um": 80.0, "ring_radius_um": 170.0,
                  "ring_width_um": 80.0},
-    # measured first (docs/evaluation.md): one co-location in classes 1 and 2 only, and strong2's geometry, where a
+    # measured before (docs/evaluation.md): the circle / square rings of multiclass3 (at chance for every model)
+    "multiclass3_shape": {"size": 2048, "num_classes": 3, "lesions_per_positive": 2, "cue_contrast": 1.4, "texture_radius_um": 80.0,
+                          "ring_radius_um": 170.0, "ring_width_um": 80.0},
+    # measured first: one co-location in classes 1 and 2 only, and strong2's geometry, where a
     # 20x field at the texture disc's edge also holds the ring's inner edge
     "multiclass3_one_lesion": {"size": 2048, "num_classes": 3, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
     "survival_strong2": {"size": 2048, "survival": True, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
@@ -268,11 +279,11 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
                 cov = ndimage.gaussian_filter(cov, 6 * px)
             a = disc * cov[..., None] * min(0.85 * params.cue_contrast, 1.0)
             win[:] = win * (1 - a) + DOT * a
-        if "R" in kind or "Q" in kind:  # Q: the square ring of the three-class cohort
-            square = params.ring_shape == "square" or "Q" in kind
+        if "R" in kind or "Q" in kind:  # Q: the second ring of the three-class cohort (square, or another colour)
+            square = params.ring_shape == "square" or ("Q" in kind and params.second_ring == "square")
             rr = np.maximum(np.abs(dx), np.abs(dy)) if square else r
             band = np.clip(1 - np.abs(rr - ring_r - ring_w / 2) / (ring_w / 2), 0, 1)[..., None] * min(0.7 * params.cue_contrast, 1.0)
-            win[:] = win * (1 - band) + RING * band
+            win[:] = win * (1 - band) + (RING_2 if "Q" in kind and params.second_ring == "colour" else RING) * band
         if kind in ("R+T", "Q+T"):
             lesion[y0:y1, x0:x1] |= r <= tex_r
         structures.append({"kind": kind, "centre_xy": [float(sx), float(sy)]})
