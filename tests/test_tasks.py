@@ -243,3 +243,26 @@ def test_three_class_training_inference_and_a_task_mismatch(tmp_path):
     assert model.class_names == ["normal", "circle", "square"] and model.num_outputs == 3
     with pytest.raises(BundleInputError, match="trained with task = classification but this run has task = survival"):
         TrainedModel(tmp_path / "models" / "model.pt", {"task": "survival"})  # --task survival on the command line
+
+
+@pytest.mark.parametrize("lesions", [0, 2])
+def test_three_class_cohort_balances_every_cue(lesions):
+    """Only co-location tells the classes apart: every class shows as many textures, tints and rings of each kind."""
+    from scripts.data.demo import DemoParams, _structure_kinds
+
+    params = DemoParams(num_classes=3, lesions_per_positive=lesions)
+    counts = []
+    for label in range(3):
+        kinds = _structure_kinds(label, params, np.random.default_rng(label))
+        counts.append([sum(cue in k for k in kinds) for cue in ("T", "S", "R", "Q")])
+        assert len(kinds) == 4
+    assert counts[0] == counts[1] == counts[2]
+    with pytest.raises(ValueError, match="second_ring"):
+        DemoParams(num_classes=3, second_ring="triangle")
+
+
+def test_survival_cohort_times_shorten_with_the_lesion_burden():
+    from scripts.data.demo import survival_outcome
+
+    med = [np.median([survival_outcome(b, np.random.default_rng([0, p]))[0] for p in range(200)]) for b in range(3)]
+    assert med[0] > med[1] > med[2]
