@@ -163,7 +163,7 @@ def test_protocol_for_three_classes_and_for_survival(tmp_path):
     from scripts.workflows.pipeline_config import training_config
 
     y = [i % 3 for i in range(12)]
-    files = workflow.evaluate(training_config({"max_epochs": 3, "label_map": {"a": 0, "b": 1, "c": 2}, "val_fraction": 0.5}),
+    files = workflow.evaluate(training_config({"max_epochs": 2, "label_map": {"a": 0, "b": 1, "c": 2}, "val_fraction": 0.5}),
                               _entries(tmp_path / "mc", y, dim=128), tmp_path / "mc-out", models=["dsmil", "deepattnmisl_20x"], reference="dsmil",
                               num_splits=2, val_fraction=0.5, test_bags=4, bootstrap_resamples=50, progress=False, class_names=["a", "b", "c"],
                               ordinal=True)
@@ -175,7 +175,7 @@ def test_protocol_for_three_classes_and_for_survival(tmp_path):
     assert "macro AUC" in files["md"].read_text()
 
     times = [(float(5 + 3 * i), int(i % 3 != 2)) for i in range(18)]
-    files = workflow.evaluate(training_config({"max_epochs": 3, "task": "survival", "survival_bins": 3, "val_fraction": 0.5}),
+    files = workflow.evaluate(training_config({"max_epochs": 2, "task": "survival", "survival_bins": 3, "val_fraction": 0.5}),
                               _entries(tmp_path / "sv", [ev for _, ev in times], times, dim=128), tmp_path / "sv-out", models=["dsmil"],
                               reference="dsmil", num_splits=2, val_fraction=0.5, test_bags=4, bootstrap_resamples=50, progress=False,
                               task="survival")
@@ -223,7 +223,10 @@ def test_three_class_training_inference_and_a_task_mismatch(tmp_path):
     manifest.write_text("\n".join([rows[0]] + [",".join(r.split(",")[:3] + [names[r.split(",")[3]]] + r.split(",")[4:]) for r in rows[1:]]) + "\n")
     r = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input", str(manifest),
+    lines = manifest.read_text().splitlines()
+    three = tmp_path / "data" / "three.csv"  # one slide of each class (inference writes maps and heatmaps per slide)
+    three.write_text("\n".join(lines[:4]) + "\n")
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input", str(three),
              "--output_dir", str(tmp_path / "inf"), "--cache_dir", str(tmp_path / "out" / "cache"), "--ckpt_dir", str(tmp_path / "models"),
              "--progress", "false"]
     r = subprocess.run(infer, cwd=ROOT, capture_output=True, text=True)
@@ -231,7 +234,7 @@ def test_three_class_training_inference_and_a_task_mismatch(tmp_path):
     import csv
 
     rows = list(csv.DictReader((tmp_path / "inf" / "predictions.csv").open()))
-    assert len(rows) == 6 and {"prob_normal", "prob_circle", "prob_square", "predicted_class"} <= set(rows[0])
+    assert len(rows) == 3 and {"prob_normal", "prob_circle", "prob_square", "predicted_class"} <= set(rows[0])
     for row in rows:
         probs = {n: float(row[f"prob_{n}"]) for n in ("normal", "circle", "square")}
         assert abs(sum(probs.values()) - 1) < 1e-4 and row["predicted_class"] == max(probs, key=probs.get)
