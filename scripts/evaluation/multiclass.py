@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix
 
 from scripts.evaluation import stats
-from scripts.evaluation.report import aligned, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
+from scripts.evaluation.report import against_reference, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
 
 
 def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -87,16 +87,13 @@ def build_multiclass_report(result: dict, reference: str, class_names: Sequence[
             "ci95": {k: stats.bootstrap_ci(y, p, f, n_resamples, seed, groups=groups) for k, f in metric_fns.items()} if len(set(y)) > 1 else {},
             "predictions": {i: [float(x) for x in v] for i, v in zip(ids, p)},
         }
-        if mean_localisation(runs):
-            models[name]["localisation"] = mean_localisation(runs)
+        if loc := mean_localisation(runs):
+            models[name]["localisation"] = loc
     comparisons = {}
-    if reference in combined:
-        ids_r, y, p_ref, groups = combined[reference]
-        for name, (ids, _, p, _) in combined.items():
-            if name == reference or len(set(y)) < 2:
-                continue
-            comparisons[name] = {"bootstrap": stats.paired_bootstrap_test(y, p_ref, aligned(ids_r, ids, p), macro_auc,
-                                                                          n_resamples, seed, groups)}
+    if reference in combined and len(set(combined[reference][1])) > 1:
+        _, y, p_ref, groups = combined[reference]
+        comparisons = {name: {"bootstrap": stats.paired_bootstrap_test(y, p_ref, p, macro_auc, n_resamples, seed, groups)}
+                       for name, p in against_reference({n: (c[0], c[2]) for n, c in combined.items()}, reference).items()}
     return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons, task="classification",
                     classes=names, ordinal=bool(ordinal))
 

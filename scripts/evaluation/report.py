@@ -83,6 +83,14 @@ def aligned(ids_ref: Sequence[str], ids: Sequence[str], scores: np.ndarray) -> n
     return scores[[order[i] for i in ids_ref]]
 
 
+def against_reference(scores: dict[str, tuple[list[str], np.ndarray]], reference: str) -> dict[str, np.ndarray]:
+    """Every other model's scores reordered to the reference's slides (``scores``: name -> (slide ids, scores))."""
+    if reference not in scores:
+        return {}
+    ids_r = scores[reference][0]
+    return {n: aligned(ids_r, ids, p) for n, (ids, p) in scores.items() if n != reference}
+
+
 def _yp(result: dict, preds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     ids = list(preds)
     return np.asarray([result["slides"][i]["label"] for i in ids]), np.asarray([preds[i] for i in ids], dtype=float)
@@ -125,15 +133,14 @@ def build_report(
                        "pr": {"precision": list(map(float, prec)), "recall": list(map(float, rec))}},
             "predictions": {i: float(v) for i, v in zip(ids, p)},
         }
-        if mean_localisation(runs):  # attention models on cohorts with lesion masks: mean over splits, per scale
-            models[name]["localisation"] = mean_localisation(runs)
+        if loc := mean_localisation(runs):  # attention models on cohorts with lesion masks: mean over splits, per scale
+            models[name]["localisation"] = loc
     comparisons = {}
     if reference in combined:
-        ids_r, y, p_ref, groups = combined[reference]
-        for name, (ids, _, p, _) in combined.items():
-            if name == reference or len(set(y)) < 2:
+        _, y, p_ref, groups = combined[reference]
+        for name, p_other in against_reference({n: (c[0], c[2]) for n, c in combined.items()}, reference).items():
+            if len(set(y)) < 2:
                 continue
-            p_other = aligned(ids_r, ids, p)
             comparisons[name] = {
                 "delong": stats.delong_test(y, p_ref, p_other),
                 "bootstrap": stats.paired_bootstrap_test(y, p_ref, p_other, stats.auc_score, n_resamples, seed, groups),

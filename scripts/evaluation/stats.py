@@ -109,10 +109,16 @@ def paired_bootstrap_test(
     y_arr = np.asarray(y).astype(int)
     observed = float(metric(y_arr, np.asarray(p1, dtype=float)) - metric(y_arr, np.asarray(p2, dtype=float)))
     dist = bootstrap_distribution(y, [p1, p2], metric, n_resamples, seed, groups)
-    d = dist[:, 0] - dist[:, 1]
+    return paired_summary(observed, dist[:, 0] - dist[:, 1])
+
+
+def paired_summary(observed: float, d: np.ndarray) -> dict[str, float]:
+    """Two-tailed p-value and 95% percentile CI of a paired difference ``observed`` from its resampled values ``d``
+    (the null distribution is ``d`` centred on ``observed``: ``p = (1 + #{|d* - d| >= |d|}) / (1 + B)``)."""
+    d = np.asarray(d, dtype=float)
     extreme = int(np.sum(np.abs(d - observed) >= abs(observed) - 1e-12))
     lo, hi = np.quantile(d, [0.025, 0.975])
-    return {"diff": observed, "p": (1 + extreme) / (1 + len(d)), "low": float(lo), "high": float(hi), "n_resamples": int(len(d))}
+    return {"diff": float(observed), "p": (1 + extreme) / (1 + len(d)), "low": float(lo), "high": float(hi), "n_resamples": int(len(d))}
 
 
 def auc_score(y: np.ndarray, p: np.ndarray) -> float:

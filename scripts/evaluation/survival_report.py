@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scripts.evaluation.report import aligned, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
-from scripts.evaluation.stats import _resample_indices
+from scripts.evaluation.report import against_reference, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
+from scripts.evaluation.stats import _resample_indices, paired_summary
 from scripts.tasks.survival import concordance
 
 
@@ -73,21 +73,14 @@ def build_survival_report(result: dict, reference: str, n_resamples: int = 2000,
                                  "n_resamples": int(len(dist))}},
             "predictions": {i: float(v) for i, v in zip(ids, r)},
         }
-        if mean_localisation(runs):
-            models[name]["localisation"] = mean_localisation(runs)
+        if loc := mean_localisation(runs):
+            models[name]["localisation"] = loc
     comparisons = {}
     if reference in combined:
-        ids_r, t, e, r_ref, groups = combined[reference]
-        for name, (ids, _, _, r, _) in combined.items():
-            if name == reference:
-                continue
-            other = aligned(ids_r, ids, r)
-            observed = concordance(t, e, r_ref) - concordance(t, e, other)
+        _, t, e, r_ref, groups = combined[reference]
+        for name, other in against_reference({n: (c[0], c[3]) for n, c in combined.items()}, reference).items():
             dist = _bootstrap(t, e, [r_ref, other], n_resamples, seed, groups)
-            d = dist[:, 0] - dist[:, 1]
-            extreme = int(np.sum(np.abs(d - observed) >= abs(observed) - 1e-12))
-            comparisons[name] = {"bootstrap": {"diff": float(observed), "p": (1 + extreme) / (1 + len(d)), "low": float(np.quantile(d, 0.025)),
-                                               "high": float(np.quantile(d, 0.975)), "n_resamples": int(len(d))}}
+            comparisons[name] = {"bootstrap": paired_summary(concordance(t, e, r_ref) - concordance(t, e, other), dist[:, 0] - dist[:, 1])}
     return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons, task="survival")
 
 
