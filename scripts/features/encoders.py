@@ -31,6 +31,11 @@ def build_backbone(arch: str = "resnet50") -> torch.nn.Module:
     """A 2-D MONAI ResNet without its classifier: (B, 3, H, W) -> (B, D)."""
     from scripts.features.encoder_files import is_encoder_file
 
+    from scripts.features.foundation import is_named_encoder
+
+    if is_named_encoder(arch):
+        raise BundleInputError(None, f"SimSiam pretraining builds a built-in ResNet, not the foundation encoder '{arch}'",
+                               f"use '{arch}' as it is (--encoder_weights null: the hub cache, or a file), or pretrain one of {sorted(ARCHS)}")
     if arch not in ARCHS and is_encoder_file(arch):
         raise BundleInputError(arch, "SimSiam pretraining builds a built-in architecture, not an exported encoder file",
                                f"pretrain one of {sorted(ARCHS)} (optionally from --pretrain_init_weights) or use the file with "
@@ -43,7 +48,10 @@ def build_backbone(arch: str = "resnet50") -> torch.nn.Module:
 def feature_dim(arch: str | list, patch_size: int = 256) -> int:
     """Feature size D of ``encoder_arch`` (an exported file: found by a probe forward)."""
     from scripts.features.encoder_files import encoder_spec, is_encoder_file
+    from scripts.features.foundation import REGISTRY, is_named_encoder
 
+    if is_named_encoder(arch):
+        return REGISTRY[arch].feature_dim
     if is_encoder_file(arch):
         dims = {encoder_spec(p, patch_size).feature_dim for p in (arch if isinstance(arch, (list, tuple)) else [arch])}
         if len(dims) > 1:
@@ -52,7 +60,8 @@ def feature_dim(arch: str | list, patch_size: int = 256) -> int:
         return dims.pop()
     if arch not in ARCHS:
         raise BundleInputError(None, f"unknown encoder architecture '{arch}'",
-                               f"choose one of {sorted(ARCHS)} or pass an exported encoder file (docs/encoders.md)")
+                               f"choose one of {sorted(ARCHS)}, a foundation encoder ({', '.join(sorted(REGISTRY))}) or pass an "
+                               "exported encoder file (docs/encoders.md)")
     spec = ARCHS[arch]
     return spec["block_inplanes"][-1] * (4 if spec["block"] == "bottleneck" else 1)
 
@@ -116,6 +125,12 @@ def encoder_signature(net: torch.nn.Module, arch: str) -> dict:
         from scripts.features.encoder_files import input_settings
 
         return {"arch": "file:" + str(getattr(net, "file_name", "")), "weights_sha": str(file_sha), "input": input_settings(net.preprocess)}
+    if getattr(net, "encoder_name", None):  # a named foundation encoder: its weights and its input layer
+        from scripts.features.encoder_files import input_settings
+
+        if not getattr(net, "weights_sha", None):  # hashed once per network (a ViT-g has 4.5 GB of weights)
+            net.weights_sha = tensor_dict_hash(net.backbone.state_dict())
+        return {"arch": str(net.encoder_name), "weights_sha": net.weights_sha, "input": input_settings(net.preprocess)}
     if getattr(net, "includes_preprocessing", False):
         net = net.backbone
     return {"arch": arch, "weights_sha": tensor_dict_hash(net.state_dict())}
@@ -129,7 +144,10 @@ def build_scale_encoders(
     encoder file (shared by the scales) or a list with one per scale (:mod:`scripts.features.encoder_files`;
     ``patch_size``, ``mean`` and ``std`` are the defaults of its preprocessing)."""
     from scripts.features.encoder_files import build_file_encoder, is_encoder_file
+    from scripts.features.foundation import build_named_encoders, is_named_encoder
 
+    if is_named_encoder(arch):  # a foundation encoder by name (scripts/features/foundation.py)
+        return build_named_encoders(arch, num_scales, weights, seed=seed)
     if is_encoder_file(arch):
         paths = list(arch) if isinstance(arch, (list, tuple)) else [arch] * num_scales
         if len(paths) != num_scales:
