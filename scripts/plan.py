@@ -1,6 +1,6 @@
 """Cohort planner: patches per slide and scale, feature-store size and the wall time of extraction.
 
-    python -m scripts.plan --manifest /data/cohort/manifest.csv [--gpus 8] [--encoder_arch resnet50 | enc.ts] \
+    python -m scripts.plan --manifest /data/cohort/manifest.csv [--gpus 8] [--encoder_arch resnet50 | uni | enc.ts] \
         [--device cuda] [--patches_per_s 400] [--cache_dir outputs/cache] [--csv plan.csv]
 
 It runs the (cached, cheap) prepare stage of the pipeline config (configs/train.yaml) - tissue detection on a thumbnail and
@@ -59,10 +59,13 @@ def probe_rate(encoder_arch: str, num_scales: int, device: str = "cpu", batch_si
     from scripts.features.device_preprocessing import PatchNormalize, PreprocessedEncoder, includes_preprocessing
     from scripts.features.encoders import build_scale_encoders
 
+    from scripts.features.foundation import is_named_encoder
+
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    weights = "random" if is_named_encoder(encoder_arch) else None  # the rate does not depend on the weights
     encoders = [(e if includes_preprocessing(e) else PreprocessedEncoder(PatchNormalize((0, 255, 0, 1)), e)).to(dev).eval()
-                .to(memory_format=torch.channels_last) for e in build_scale_encoders(encoder_arch, num_scales, patch_size=patch_size)]
+                .to(memory_format=torch.channels_last) for e in build_scale_encoders(encoder_arch, num_scales, weights, patch_size=patch_size)]
     x = torch.randint(0, 256, (batch_size, 3, patch_size, patch_size), dtype=torch.uint8, device=dev)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     seconds = 0.0
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--cache_dir", default="outputs/cache", help="where tiles are cached (shared with the stages)")
-    ap.add_argument("--encoder_arch", default="resnet50", help="tiny | resnet18 | resnet50 | an exported encoder file "
+    ap.add_argument("--encoder_arch", default="resnet50", help="tiny | resnet18 | resnet50 | a foundation encoder name (uni, virchow2, ...) | an exported encoder file "
                     "(sets the feature size and, when probed, the rate)")
     ap.add_argument("--device", default="cpu", help="device the probe runs the encoders on (cpu, cuda)")
     ap.add_argument("--scales_mpp", default="[0.5, 1.0, 2.0]")

@@ -3,7 +3,11 @@ on-device preprocessing, three encoders, store) divided by encoder-only position
 on the device (same batch size, same encoders with their preprocessing layer; bf16 autocast and channels-last on
 CUDA, as extraction runs them). 1.0 means reading is fully hidden behind the model.
 
-    python -m scripts.benchmarks extract [--device cuda] [--arch resnet50] [--num-workers 12] [--batch-size 128]
+    python -m scripts.benchmarks extract [--device cuda] [--arch resnet50 | uni | h-optimus-0 ...] [--num-workers 12]
+        [--batch-size 128] [--compile]
+
+A foundation encoder by name runs with random weights (the rate does not depend on them; nothing is downloaded).
+``--compile`` wraps each encoder in ``torch.compile`` (the first batches pay the compilation, outside the timing).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ KEYS = ["scale_0", "scale_1", "scale_2"]
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks extract", description=__doc__)
-    ap.add_argument("--arch", default="resnet18", help="encoder architecture (tiny, resnet18, resnet50)")
+    ap.add_argument("--arch", default="resnet18", help="encoder architecture (tiny, resnet18, resnet50, or a foundation encoder name)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each encoder")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=1)
@@ -51,8 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     chain = pipeline_parser().get_parsed_content("preprocessing")  # the config's patch chain (256 px, three scales)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    from scripts.features.foundation import is_named_encoder
+
+    weights = "random" if is_named_encoder(args.arch) else None
     encoders = [e.to(device).eval().to(memory_format=torch.channels_last)
-                for e in with_preprocessing(build_scale_encoders(args.arch, 3, seed=0), chain)]
+                for e in with_preprocessing(build_scale_encoders(args.arch, 3, weights, seed=0), chain)]
+    if args.compile:
+        encoders = [torch.compile(e) for e in encoders]
     x = torch.randint(0, 256, (args.batch_size, 3, 256, 256), dtype=torch.uint8, device=device).contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     batches = int(np.ceil(n / args.batch_size))
@@ -78,4 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     t = timed(end_to_end)
     e2e = n / t
     rows.append({"measure": f"end to end, {args.num_workers} worker(s) (patch positions/s)", "patches_per_s": e2e})
+    for r in rows:
+        r.update(arch=args.arch, compile=bool(args.compile), batch_size=args.batch_size, num_workers=args.num_workers)
     report("extract", rows, {"extract_efficiency": e2e / encoder_only}, args.json)

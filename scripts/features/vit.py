@@ -20,6 +20,7 @@ is checked by ``tools/encoder_parity.py`` (docs/encoders.md).
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Optional
 
 import torch
@@ -145,12 +146,27 @@ class VisionTransformer(nn.Module):
         return t[:, 0]
 
 
+def legacy_names(state: Dict[str, torch.Tensor], vit: bool) -> Dict[str, torch.Tensor]:
+    """transformers 5 names (``layers.<i>`` / ``attention.q_proj`` / ViT's ``mlp.fc1``) -> the names of the published
+    (transformers 4) checkpoints, which the converters read; published checkpoints pass unchanged."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        k = re.sub(r"^layers\.(\d+)\.", r"encoder.layer.\1.", k)
+        for new, old in (("q_proj", "attention.query"), ("k_proj", "attention.key"), ("v_proj", "attention.value"), ("o_proj", "output.dense")):
+            k = k.replace(f".attention.{new}.", f".attention.{old}.")
+        if vit:
+            k = k.replace(".mlp.fc1.", ".intermediate.dense.").replace(".mlp.fc2.", ".output.dense.")
+        out[k] = v
+    return out
+
+
 def _qkv(state: Dict[str, torch.Tensor], pre: str, kind: str) -> torch.Tensor:
     return torch.cat([state[f"{pre}.{n}.{kind}"] for n in ("query", "key", "value")], dim=0)
 
 
 def from_hf_vit(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A transformers ``ViTModel`` state dict in this module's layout (pooler dropped)."""
+    state = legacy_names(state, vit=True)
     out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
            "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
@@ -175,6 +191,7 @@ def from_hf_dinov2(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     DINOv2 adds its position embedding to the class and patch tokens and inserts the registers after it; here the
     class token's position embedding is folded into ``cls_token`` and the rest is ``pos_embed`` over the patches
     (``no_embed_class=True``): the same sums. The SwiGLU's ``weights_in`` / ``weights_out`` are ``fc1`` / ``fc2``."""
+    state = legacy_names(state, vit=False)
     pos = state["embeddings.position_embeddings"]
     out = {"cls_token": state["embeddings.cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:],
            "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
