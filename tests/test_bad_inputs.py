@@ -426,6 +426,63 @@ def case_encoder_file_not_exported(tmp):
     encoder_spec(tmp / "encoder.pt")
 
 
+def _offline_hub(tmp):
+    import os
+
+    os.environ.update(HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="1")  # restored by the test (monkeypatched environment)
+    os.environ.pop("HF_HUB_CACHE", None)
+
+
+def case_named_encoder_not_cached(tmp):
+    from scripts.features.foundation import build_named_encoder
+
+    _offline_hub(tmp)
+    build_named_encoder("uni")
+
+
+def case_named_encoder_map_without_name(tmp):
+    from scripts.features.foundation import build_named_encoder
+
+    (tmp / "encoders.json").write_text('{"virchow2": "/models/virchow2.safetensors"}')
+    build_named_encoder("uni", tmp / "encoders.json")
+
+
+def case_named_encoder_wrong_layout(tmp):
+    import torch
+
+    from scripts.features.foundation import build_named_encoder, build_network
+
+    torch.save(build_network("vit-test").state_dict(), tmp / "pytorch_model.bin")  # timm names, phikon is a transformers ViT
+    build_named_encoder("phikon", tmp / "pytorch_model.bin")
+
+
+def case_named_encoder_gated(tmp):
+    import http.server
+    import os
+    import threading
+
+    from scripts.features.foundation import build_named_encoder
+
+    class Hub(http.server.BaseHTTPRequestHandler):  # answers as the Hugging Face hub does for a gated repository
+        def do_HEAD(self):
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.environ.update(HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        build_named_encoder("uni")
+    finally:
+        server.shutdown()
+
+
 def case_encoder_file_returns_tokens(tmp):
     import torch
 
@@ -525,6 +582,10 @@ def case_disk_full(tmp):
 
 CASES = {
     "manifest_missing": (case_manifest_missing, "manifest not found"),
+    "named_encoder_not_cached": (case_named_encoder_not_cached, "not in this Hugging Face cache"),
+    "named_encoder_map_without_name": (case_named_encoder_map_without_name, "has no entry for encoder 'uni'"),
+    "named_encoder_wrong_layout": (case_named_encoder_wrong_layout, "is not a transformers vit checkpoint"),
+    "named_encoder_gated": (case_named_encoder_gated, "is gated on the Hugging Face hub"),
     "manifest_missing_column": (case_manifest_missing_column, "missing column"),
     "manifest_no_rows": (case_manifest_no_rows, "no rows"),
     "manifest_empty_slide_id": (case_manifest_empty_slide_id, "empty slide_id"),
@@ -598,7 +659,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_explained(name, tmp_path):
+def test_bad_input_is_explained(name, tmp_path, monkeypatch):
+    for var in ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE"):  # cases may set them: restored afterwards
+        monkeypatch.delenv(var, raising=False)
     fn, words = CASES[name]
     with pytest.raises(BundleInputError) as err:
         fn(tmp_path)

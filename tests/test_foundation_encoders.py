@@ -152,7 +152,7 @@ def test_missing_gated_and_mismatched_models_stop_with_one_line(offline_cache, t
     with pytest.raises(BundleInputError) as err:
         build_named_encoder("uni")  # offline, not cached
     msg = str(err.value)
-    assert "offline" in msg and "not in the Hugging Face cache" in msg and "hf download MahmoodLab/UNI" in msg and "\n" not in msg
+    assert "offline" in msg and "not in this Hugging Face cache" in msg and "hf download MahmoodLab/UNI" in msg and "\n" not in msg
     (tmp_path / "map.json").write_text(json.dumps({"virchow": "/x.bin"}))
     with pytest.raises(BundleInputError, match="has no entry for encoder 'uni'"):
         build_named_encoder("uni", tmp_path / "map.json")
@@ -228,3 +228,10 @@ def test_a_named_encoder_runs_the_pipeline_offline(offline_cache, tiny_demo, tmp
     while cause is not None and not isinstance(cause, BundleInputError):
         cause = cause.__cause__
     assert cause is not None and "encoder" in str(cause), err.value
+
+
+def test_docs_list_the_registry():
+    from conftest import ROOT
+    from scripts.features.foundation import registry_table
+
+    assert registry_table() in (ROOT / "docs" / "encoders.md").read_text()  # regenerate the table when the registry changes

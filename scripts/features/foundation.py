@@ -161,28 +161,27 @@ def _from_hub(name: str, e: Entry) -> Path:
         raise BundleInputError(None, f"encoder '{name}' is loaded from the Hugging Face hub cache, and huggingface_hub is not installed",
                                f"{EXTRA}, or pass the checkpoint as --encoder_weights FILE") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    where = f"the Hugging Face cache ({hub_cache()})"
-    fetch = (f"download it where there is network (hf download {e.hub_id}), copy the Hugging Face cache here (HF_HOME), "
+    cache, page = hub_cache(), f"https://huggingface.co/{e.hub_id}"
+    fetch = (f"download it where there is network (hf download {e.hub_id}), copy that Hugging Face cache here (HF_HOME), "
              "or pass the file as --encoder_weights FILE or a JSON map name -> file")
     missing: list[str] = []
     for filename in e.files:
         try:  # cache, offline mode and endpoint read now (the hub client reads its environment once, at import)
-            return Path(hf_hub_download(e.hub_id, filename, cache_dir=hub_cache(), local_files_only=offline,
+            return Path(hf_hub_download(e.hub_id, filename, cache_dir=cache, local_files_only=offline,
                                         endpoint=os.environ.get("HF_ENDPOINT") or None))
         except GatedRepoError:
-            raise BundleInputError(None, f"encoder '{name}' ({e.hub_id}) is gated on the Hugging Face hub and this account has no access",
-                                   f"request access at https://huggingface.co/{e.hub_id}, then log in (hf auth login, or HF_TOKEN)") from None
+            raise BundleInputError(page, f"encoder '{name}' is gated on the Hugging Face hub and this account has no access",
+                                   f"request access at {page}, then log in (hf auth login, or HF_TOKEN)") from None
         except RepositoryNotFoundError:
-            raise BundleInputError(None, f"encoder '{name}': repository {e.hub_id} not found on the Hugging Face hub (or not visible "
+            raise BundleInputError(page, f"encoder '{name}': repository {e.hub_id} not found on the Hugging Face hub (or not visible "
                                          "to this account)", f"log in with an account that can see it, or {fetch}") from None
         except (EntryNotFoundError, LocalEntryNotFoundError) as err:
             missing.append(f"{filename}: {type(err).__name__}")
             continue
         except Exception as err:  # noqa: BLE001 - network errors etc.: one line
-            raise BundleInputError(None, f"encoder '{name}' could not be fetched from {e.hub_id} ({type(err).__name__}: {first_line(err, 80)})",
-                                   fetch) from None
+            raise BundleInputError(page, f"encoder '{name}' could not be fetched ({type(err).__name__}: {first_line(err, 80)})", fetch) from None
     state = "offline (HF_HUB_OFFLINE=1) and " if offline else ""
-    raise BundleInputError(None, f"encoder '{name}' ({e.hub_id}) is {state}not in {where} ({'; '.join(missing)})", fetch)
+    raise BundleInputError(cache, f"encoder '{name}' ({e.hub_id}) is {state}not in this Hugging Face cache ({'; '.join(missing)})", fetch)
 
 
 def hub_cache() -> Path:
