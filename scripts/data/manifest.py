@@ -21,6 +21,7 @@ from typing import Mapping
 from scripts.cache import atomic_write_bytes
 from scripts.data.ids import folder_name
 from scripts.errors import BundleInputError
+from scripts.wsi.formats import dicom_folder, is_slide, slide_path
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,11 @@ def read_manifest(
         path = Path(row["path"])
         if not path.is_absolute():
             path = manifest.parent / path
-        if check_paths and path.is_dir():
+        path = slide_path(path)  # a DICOM-WSI series: its folder, for any of its files
+        if check_paths and path.is_dir() and dicom_folder(path) is None:
             raise BundleInputError(where, f"slide path '{path}' is a folder, not a slide file",
-                                   "give the slide file's path (for MIRAX, the .mrxs file beside its folder)")
-        if check_paths and not path.is_file():
+                                   "give the slide file's path (for MIRAX, the .mrxs file beside its folder; a DICOM-WSI folder holds .dcm files)")
+        if check_paths and not is_slide(path):
             raise BundleInputError(where, f"slide file '{path}' does not exist", "fix the path (relative paths are resolved against the manifest's folder)")
         key = str(path.resolve()) if path.exists() else str(path)
         if key in files:

@@ -1,4 +1,5 @@
-"""Inference inputs: one slide file, a folder of slides, a folder with ``manifest.csv``, or a manifest."""
+"""Inference inputs: one slide file (or DICOM-WSI series folder), a folder of slides, a folder with ``manifest.csv``, or
+a manifest."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from scripts.data.ids import case_clash
 from scripts.data.manifest import SlideRecord, read_manifest
 from scripts.errors import BundleInputError
+from scripts.wsi.formats import dicom_folder
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
@@ -21,10 +23,14 @@ def input_records(source: str | Path, mpp: float | None = None, label_map: dict 
         records = read_manifest(src, label_map, require_labels=False, task=task)
     elif src.is_dir() and (src / "manifest.csv").is_file():
         records = read_manifest(src / "manifest.csv", label_map, require_labels=False, task=task)
+    elif dicom_folder(src) is not None:  # one DICOM-WSI series (its folder, or one of its .dcm files)
+        folder = dicom_folder(src)
+        records = [SlideRecord(folder.name, folder.name, str(folder), -1)]
     elif src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        files = sorted([p for p in src.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()]
+                       + [p for p in src.rglob("*") if p.is_dir() and dicom_folder(p) is not None])  # DICOM-WSI: one folder each
         if not files:
-            raise BundleInputError(src, "folder holds no slide files", f"put slides ({', '.join(SLIDE_SUFFIXES[:4])}, ...) or a manifest.csv in it")
+            raise BundleInputError(src, "folder holds no slide files", f"put slides ({', '.join(SLIDE_SUFFIXES[:4])}, ..., DICOM-WSI folders) or a manifest.csv in it")
         stems = [p.stem for p in files]
         clash = case_clash(stems)  # the same name, or names that differ only in case (one folder on macOS/Windows)
         if clash is not None:

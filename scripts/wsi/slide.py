@@ -24,6 +24,7 @@ from monai.data import WSIReader
 from scripts.data.manifest import MPP_RANGE  # noqa: F401 - re-exported: plausible level-0 µm per px
 from scripts.errors import BundleInputError
 from scripts.wsi.convert import picture_format
+from scripts.wsi.formats import DICOM_BACKENDS, dicom_folder, is_slide, reader_path
 from scripts.wsi.memory import pin_mmap_threshold
 from scripts.wsi.resample import block_mean, resize_area
 
@@ -161,13 +162,16 @@ class SlideReader:
         CHUNK_CACHE.budget = int(read_cache_mb * 2**20)
         if backend not in BACKENDS:
             raise BundleInputError(self.path, f"unknown WSI backend '{backend}'", f"use one of {BACKENDS}")
-        if not self.path.is_file():
+        if not is_slide(self.path):
             raise BundleInputError(self.path, "slide file not found", "check the manifest path (relative paths are resolved against the manifest's folder)")
+        if dicom_folder(self.path) is not None and backend not in DICOM_BACKENDS:
+            raise BundleInputError(self.path, f"is a DICOM-WSI series, which the {backend} backend does not read",
+                                   f"pass --wsi_backend {DICOM_BACKENDS[0]} (OpenSlide 4 reads DICOM-WSI; docs/formats.md)")
         self.backend = backend
         self.snap_rtol = snap_rtol
         self.reader = WSIReader(backend=backend)
         try:
-            self.wsi = self.reader.read(str(self.path))
+            self.wsi = self.reader.read(reader_path(self.path))
             self.level_count = int(self.reader.get_level_count(self.wsi))
             self.level_dims = [tuple(int(v) for v in self.reader.get_size(self.wsi, lv)) for lv in range(self.level_count)]
             self.downsamples = [float(self.reader.get_downsample_ratio(self.wsi, lv)) for lv in range(self.level_count)]

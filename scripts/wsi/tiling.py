@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from scripts.cache import atomic_dir, file_fingerprint, release_claim, remove_stale_temporaries, stable_hash, try_claim
+from scripts.cache import atomic_dir, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.data.ids import folder_name
+from scripts.wsi.formats import is_slide, slide_fingerprint
 from scripts.errors import BundleInputError
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tissue import TissueParams, tissue_mask
@@ -127,11 +128,11 @@ def prepare_slide(
     hash of the slide fingerprint and the tiling parameters, and written atomically.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_slide(path):
         raise BundleInputError(path, f"slide '{slide_id}' not found", "fix the manifest's 'path' column (relative to the manifest's folder)")
     provenance = {
         "version": TILING_VERSION,
-        "slide": file_fingerprint(path),
+        "slide": slide_fingerprint(path),
         "mpp_override": mpp,
         "tiling": params.to_dict(),
     }
