@@ -55,9 +55,11 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bootstrap: int, overrides: list[str]) -> dict[int, dict]:
+def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bootstrap: int, overrides: list[str],
+                     tag: str = "") -> dict[int, dict]:
     """``run evaluate`` (train.yaml + evaluate.yaml, reference csmil_joint) on the cohort in ``work`` once per protocol
-    seed, with ``overrides`` (cohort, task, models); returns each seed's ``report.json``."""
+    seed, with ``overrides`` (cohort, task, models); returns each seed's ``report.json`` (outputs in
+    ``out-<tag>seed<seed>``; the cohort and the caches are shared by every tag)."""
     import subprocess
     import sys
 
@@ -65,7 +67,7 @@ def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bo
     t = time.perf_counter()
     reports = {}
     for seed in seeds:
-        out = work / f"out-seed{seed}"
+        out = work / f"out-{tag}seed{seed}"
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
                "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
                "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(splits), "--eval_workers", str(workers),

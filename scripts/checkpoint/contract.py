@@ -28,17 +28,17 @@ logger = logging.getLogger(__name__)
 CONTRACT_KEY = "csmil_contract"
 #: config ids compared between the checkpoint and the command
 SETTINGS = ("mil_model", "scales_mpp", "patch_size", "num_clusters", "cluster_scale_mpp", "encoder_arch", "in_features", "task",
-            "label_map", "ordinal", "survival_bins")
+            "label_map", "ordinal", "survival_bins", "stain_normalization")
 #: further ids recorded and taken by inference / export, but free to override (their effect is checked elsewhere:
 #: encoders and preprocessing by hash, the rest only changes how bags are drawn)
 TAKEN = ("seed", "encoder_weights", "encoder_weights_prefix", "normalize_mean", "normalize_std", "bag_per_cluster", "bag_replacement")
 #: arguments of :func:`scripts.features.preprocessing.patch_preprocessing` recorded as training gave them
-PREPROCESSING_ARGS = ("scales_mpp", "patch_size", "backend", "read_cell_um", "mean", "std")
+PREPROCESSING_ARGS = ("scales_mpp", "patch_size", "backend", "read_cell_um", "mean", "std", "stain", "stain_target")
 #: configs/train.yaml's values of those ids (a checkpoint of 0.11 or earlier carries none; the Model Zoo's tools
 #: build ``network_def`` from them before any model is trained); a test fails when the two drift
 DEFAULTS: dict[str, Any] = {
     "mil_model": "dsmil", "scales_mpp": [0.5, 1.0, 2.0], "patch_size": 256, "num_clusters": 8, "cluster_scale_mpp": 2.0,
-    "encoder_arch": "tiny", "task": "classification", "label_map": {"0": 0, "1": 1}, "ordinal": False, "survival_bins": 4, "seed": 0, "encoder_weights": None, "encoder_weights_prefix": "",
+    "encoder_arch": "tiny", "task": "classification", "label_map": {"0": 0, "1": 1}, "ordinal": False, "survival_bins": 4, "stain_normalization": None, "seed": 0, "encoder_weights": None, "encoder_weights_prefix": "",
     "normalize_mean": [0.485, 0.456, 0.406], "normalize_std": [0.229, 0.224, 0.225], "bag_per_cluster": 8,
     "bag_replacement": False,
 }

@@ -73,6 +73,10 @@ class DemoParams:
         survival: a survival cohort (:func:`survival_outcome`): patient ``p`` holds ``p % (max_lesions + 1)``
             lesions (cue counts balanced as in the co-location cohorts), times shorten with that burden, some are
             censored; the manifest gets ``time`` and ``event`` (label = the burden, for reading only).
+        stain_sites: > 0 spreads the patients over that many sites, each with its own H&E staining
+            (:func:`site_stain`: the slide's H, E and residual concentrations scaled by ``1 ± stain_strength`` and
+            shifted, fixed per site); sites hold every class equally, so the stain says nothing about the label.
+        stain_strength: how far the sites' stains differ (see ``stain_sites``).
     """
 
     num_patients: int = 20
@@ -94,6 +98,8 @@ class DemoParams:
     num_classes: int = 2
     survival: bool = False
     second_ring: str = "square"
+    stain_sites: int = 0
+    stain_strength: float = 0.3
 
     def __post_init__(self) -> None:
         if self.second_ring not in ("square", "colour"):
@@ -122,7 +128,7 @@ class DemoParams:
 
 #: fields added after the first demo release (left out of :meth:`DemoParams.to_dict` at their defaults)
 _LATER_FIELDS = ("cue_contrast", "texture_period_um", "ring_shape", "num_structures", "lesions_per_positive", "num_classes", "survival",
-                 "second_ring")
+                 "second_ring", "stain_sites", "stain_strength")
 
 #: co-location cohorts of the fusion ablation (docs/evaluation.md): the demo's label principle with other cue
 #: sizes, contrasts, shapes, lesion counts and pyramid levels
@@ -135,6 +141,11 @@ COLOCATION_COHORTS: dict[str, dict] = {
                "ring_width_um": 100.0, "ring_radius_um": 150.0},
     # wider ring, demo texture
     "strong2": {"size": 2048, "lesions_per_positive": 2, "cue_contrast": 1.4, "ring_width_um": 100.0, "ring_radius_um": 160.0},
+}
+
+#: the stain measurement (docs/evaluation.md "Stain"): the 'clean' co-location cohort scanned at three sites
+STAIN_COHORTS: dict[str, dict] = {
+    "clean_sites": {**COLOCATION_COHORTS["clean"], "stain_sites": 3, "stain_strength": 0.4},
 }
 
 #: cohorts of the other tasks (docs/evaluation.md "Beyond binary"): three classes told apart by which ring shape
@@ -292,6 +303,32 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
     return img, lesion, structures
 
 
+def site_of(patient: int, params: DemoParams) -> int | None:
+    """The staining site of a patient (None without sites): consecutive groups of one patient per class share a site,
+    so every site holds the classes equally."""
+    if params.stain_sites <= 0:
+        return None
+    return (patient // max(2, params.num_classes)) % params.stain_sites
+
+
+def site_stain(img: np.ndarray, site: int, params: DemoParams) -> np.ndarray:
+    """``img`` (H x W x 3 uint8) as stained at ``site``: colour deconvolution with Ruifrok's H, E and DAB vectors,
+    each concentration scaled by a site factor in ``1 ± stain_strength`` and shifted by up to ``stain_strength / 5``
+    (tissue only: background stays white), recomposed. The factors are a pure function of the seed and the site."""
+    from scripts.features.stain import RUIFROK_HED
+
+    rng = np.random.default_rng([params.seed, 7919, site])
+    alpha = rng.uniform(1 - params.stain_strength, 1 + params.stain_strength, 3)
+    beta = rng.uniform(-params.stain_strength / 5, params.stain_strength / 5, 3)
+    m = np.asarray(RUIFROK_HED, dtype=np.float64)
+    rgb_from_hed = m / np.linalg.norm(m, axis=1, keepdims=True)
+    od = -np.log(np.clip(img.reshape(-1, 3).astype(np.float64) + 1.0, 1.0, 256.0) / 256.0)
+    hed = od @ np.linalg.inv(rgb_from_hed)
+    tissue = (od.sum(axis=1, keepdims=True) > 0.15).astype(np.float64)
+    out = np.exp(-((hed * alpha + beta * tissue) @ rgb_from_hed)) * 256.0 - 1.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(img.shape)
+
+
 def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, progress: bool = True) -> Path:
     """Write the demo cohort (slides, lesion masks, ``manifest.csv``) into ``dataset_dir``; idempotent.
 
@@ -322,6 +359,9 @@ def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, pro
         slide_id = f"demo-p{p:03d}-s{s}"
         rng = np.random.default_rng([params.seed, p, s])
         img, lesion, structures = render_slide(label, params, rng)
+        site = site_of(p, params)
+        if site is not None:
+            img = site_stain(img, site, params)
         path = root / "slides" / f"{slide_id}.tif"
         write_pyramid(path, img, params.mpp, params.downsamples, compression=params.compression)
         f = int(round(params.mask_mpp / params.mpp))
@@ -330,7 +370,8 @@ def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, pro
         Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"{slide_id}.png")
         time, event = outcomes.get(p, (None, None))
         records.append(SlideRecord(slide_id, f"demo-p{p:03d}", str(path), label, None, None, time, event))
-        info[slide_id] = {"label": label, "structures": structures, **({"time": time, "event": event} if params.survival else {})}
+        info[slide_id] = {"label": label, "structures": structures, **({"time": time, "event": event} if params.survival else {}),
+                          **({"site": site} if site is not None else {})}
     atomic_write_json(stamp, {"key": key, "params": params.to_dict(), "mask_mpp": params.mask_mpp, "slides": info})
     write_manifest(manifest, records)
     logger.info("demo cohort: %d slides (%s) in %s", len(records), f"{sum(r.event for r in records)} events" if params.survival

@@ -26,7 +26,9 @@ import torch
 
 from scripts import __version__
 from scripts.cache import atomic_dir
+from scripts.features.device_preprocessing import stain_of
 from scripts.features.encoder_files import input_settings
+from scripts.features.stain import stain_settings
 from scripts.errors import BundleInputError
 from scripts.inference.predict import scale_name
 from scripts.checkpoint.contract import check_encoders
@@ -90,7 +92,10 @@ def export_model_repository(
                 _check_encoder(enc, tmp / name / MODEL_FILE, int(settings["patch_size"]))
             else:  # a torch.export program (TorchScript cannot hold it): the .pt2 file and its input settings
                 shutil.copy2(enc.file_path, tmp / name / PROGRAM_FILE)
-                (tmp / name / INPUT_FILE).write_text(json.dumps(input_settings(enc.preprocess), indent=2))
+                inputs = input_settings(enc.preprocess)
+                if stain_of(enc) != "none":  # the stain step goes with the program's input settings
+                    inputs["stain"] = stain_settings(enc.stain)
+                (tmp / name / INPUT_FILE).write_text(json.dumps(inputs, indent=2))
                 _check_encoder(enc, tmp / name / PROGRAM_FILE, int(settings["patch_size"]))
         if deploy_dir.exists():  # replace an earlier export only once the new one is complete
             _remove_repository(deploy_dir)

@@ -14,12 +14,14 @@ turns a declared transform chain into a batched, scriptable device module.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
 from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, Resized, ScaleIntensityRanged
 
 from scripts.errors import BundleInputError
+from scripts.features.stain import StainNormalized
 from scripts.wsi.transforms import LoadMultiScaleRegiond
 
 
@@ -53,16 +55,37 @@ class PatchNormalize(torch.nn.Module):
 
 
 class PreprocessedEncoder(torch.nn.Module):
-    """``backbone(preprocess(x))``: an encoder that takes the reader's uint8 patches (TorchScript-able)."""
+    """``backbone(preprocess(stain(x)))``: an encoder that takes the reader's uint8 patches (TorchScript-able);
+    ``stain`` is an optional stain normalisation (:mod:`scripts.features.stain`, scripted), first on the raw RGB."""
 
-    def __init__(self, preprocess: torch.nn.Module, backbone: torch.nn.Module) -> None:
+    def __init__(self, preprocess: torch.nn.Module, backbone: torch.nn.Module, stain: torch.nn.Module | None = None) -> None:
         super().__init__()
+        self.stain = stain if stain is not None else torch.nn.Identity()
+        self.stain_method = str(getattr(stain, "method", "none")) if stain is not None else "none"
         self.preprocess = preprocess
         self.backbone = backbone
         self.includes_preprocessing = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.preprocess(x).contiguous(memory_format=torch.channels_last))
+        return self.backbone(self.preprocess(self.stain(x)).contiguous(memory_format=torch.channels_last))
+
+
+def with_stain(encoder: torch.nn.Module, stain: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an eager :class:`PreprocessedEncoder` with ``stain`` first (its other modules and provenance
+    attributes shared, not copied)."""
+    out = copy.copy(encoder)
+    out._modules = dict(encoder._modules)
+    out.stain = stain
+    out.stain_method = str(stain.method)
+    return out
+
+
+def stain_of(encoder: torch.nn.Module) -> str:
+    """The stain normalisation an encoder carries (``none`` for one without, or exported before 0.19)."""
+    try:
+        return str(getattr(encoder, "stain_method", "none"))
+    except AttributeError:  # a TorchScript module without the attribute
+        return "none"
 
 
 def includes_preprocessing(encoder: torch.nn.Module) -> bool:
@@ -82,12 +105,14 @@ def split_transform(transform: Any) -> tuple[Any, PatchNormalize | None]:
         return transform, None
     ts = list(transform.transforms)
     first = _first_intensity(ts)
-    keep, scale, clip, mean, std, convertible = [], None, False, None, None, True
+    keep, scale, clip, mean, std, convertible, stain = [], None, False, None, None, True, None
     for i, t in enumerate(ts):
         if i < first:
             if isinstance(t, Resized) and _noop_resize(ts[:i], t):
                 continue
             keep.append(t)
+        elif isinstance(t, StainNormalized) and stain is None and scale is None and mean is None:
+            stain = t.module()
         elif isinstance(t, ScaleIntensityRanged) and scale is None and mean is None:
             sc = t.scaler
             convertible = convertible and _float32(sc.dtype) and sc.a_max != sc.a_min
@@ -106,7 +131,11 @@ def split_transform(transform: Any) -> tuple[Any, PatchNormalize | None]:
             convertible = False
     if not convertible or (scale is None and mean is None):
         return transform, None
-    return Compose(keep), PatchNormalize(scale, clip, mean, std)
+    module = PatchNormalize(scale, clip, mean, std)
+    # the stain step, scripted once here: extraction, inference and the Deploy export run the same TorchScript code;
+    # kept out of PatchNormalize's submodules (attach() puts it first in each encoder)
+    module.__dict__["stain_module"] = torch.jit.script(stain) if stain is not None else None
+    return Compose(keep), module
 
 
 def _float32(dtype: Any) -> bool:
@@ -115,7 +144,7 @@ def _float32(dtype: Any) -> bool:
 
 def _first_intensity(ts: list) -> int:
     for i, t in enumerate(ts):
-        if isinstance(t, (ScaleIntensityRanged, NormalizeIntensityd)):
+        if isinstance(t, (StainNormalized, ScaleIntensityRanged, NormalizeIntensityd)):
             return i
     return len(ts)
 
@@ -134,7 +163,22 @@ def attach(encoders: Sequence[torch.nn.Module], module: PatchNormalize | None) -
             raise BundleInputError(None, "the encoders take the reader's uint8 patches but the patch preprocessing cannot run on "
                                          "the device", "keep ScaleIntensityRanged / NormalizeIntensityd last in 'preprocessing'")
         return list(encoders)
-    return [e if includes_preprocessing(e) else PreprocessedEncoder(module, e) for e in encoders]
+    stain = getattr(module, "stain_module", None)
+    method = str(stain.method) if stain is not None else "none"
+    out, done = [], {}  # an encoder shared by the scales stays shared
+    for e in encoders:
+        if id(e) not in done:
+            if not includes_preprocessing(e):
+                done[id(e)] = PreprocessedEncoder(module, e, stain)
+            elif stain_of(e) == method:  # e.g. the Deploy app's exported encoders, which carry it
+                done[id(e)] = e
+            elif stain_of(e) == "none" and not isinstance(e, torch.jit.ScriptModule):
+                done[id(e)] = with_stain(e, stain)
+            else:
+                raise BundleInputError(None, f"the encoder carries stain normalisation '{stain_of(e)}' but the patch chain asks for "
+                                             f"'{method}'", "export the model again with this bundle (run export)")
+        out.append(done[id(e)])
+    return out
 
 
 def with_preprocessing(encoders: Sequence[torch.nn.Module], transform: Any) -> list[torch.nn.Module]:

@@ -171,8 +171,12 @@ def encoder_spec(path: str | Path, patch_size: int = 256, mean: Sequence[float] 
 def encoder_from_parts(input_settings: dict, program_file: str | Path) -> torch.nn.Module:
     """A ``.pt2`` encoder of the Deploy repository with its :class:`EncoderInput` (settings as exported)."""
     from scripts.features.device_preprocessing import PreprocessedEncoder
+    from scripts.features.stain import build_stain
 
-    return PreprocessedEncoder(EncoderInput(**input_settings), load_module(program_file)).eval()
+    settings = dict(input_settings)
+    stain = settings.pop("stain", None)
+    module = torch.jit.script(build_stain(stain.pop("method"), **stain)) if stain else None
+    return PreprocessedEncoder(EncoderInput(**settings), load_module(program_file), module).eval()
 
 
 class EncoderInput(torch.nn.Module):

@@ -30,18 +30,26 @@ def scale_keys(scales_mpp: Sequence[float]) -> list[str]:
 
 def patch_preprocessing(
     scales_mpp: Sequence[float], patch_size: int, backend: str = "openslide", read_cell_um: float = 1024.0,
-    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, stain: str | None = None,
+    stain_target: dict | None = None,
 ) -> Compose:
     """Patches of every scale for items ``{"image": slide path, "location": level-0 centre}``: read co-centred at
     each scale's mpp (area-averaged from a finer level where the pyramid has none, grouped by ``read_cell_um``
-    cells), resized to ``patch_size`` (a no-op after the reader's resampling), scaled from [0, 255] to [0, 1],
-    normalised by ``mean``/``std`` per channel, float32; one key per scale (:func:`scale_keys`)."""
+    cells), resized to ``patch_size`` (a no-op after the reader's resampling), stain-normalised when ``stain`` names a
+    method (``macenko``, ``reinhard``; ``stain_target``: its target values, default the method's standard reference:
+    :mod:`scripts.features.stain`), scaled from [0, 255] to [0, 1], normalised by ``mean``/``std`` per channel,
+    float32; one key per scale (:func:`scale_keys`)."""
+    from scripts.features.stain import StainNormalized, build_stain
+
     keys = scale_keys(scales_mpp)
     size = int(patch_size)
+    build_stain(stain)  # an unknown method stops here, in one line
+    staining = [StainNormalized(keys=keys, method=stain, target=stain_target)] if stain not in (None, "", "none") else []
     return Compose([
         LoadMultiScaleRegiond(keys=keys, scales_mpp=list(scales_mpp), patch_size=size, backend=backend, read_cell_um=read_cell_um,
                               resize=True),
         Resized(keys=keys, spatial_size=[size, size], mode="area"),
+        *staining,
         ScaleIntensityRanged(keys=keys, a_min=0, a_max=255, b_min=0.0, b_max=1.0),
         NormalizeIntensityd(keys=keys, subtrahend=list(mean), divisor=list(std), channel_wise=True),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),

@@ -1,0 +1,81 @@
+"""Stain normalisation measured: the full evaluation protocol on a co-location cohort scanned at three sites
+(``scripts.data.demo.STAIN_COHORTS``: each site its own H&E staining, every site holding both classes) without
+normalisation and with each method (``--stain_normalization macenko | reinhard``), on the same cohort and splits.
+
+Key metric per model and method: the combined (pooled out-of-fold) AUC. Baseline measured in the same run: no
+normalisation. Ratios: ``<method>_vs_none`` for the reference model (csmil_joint) and the mean over models.
+
+    python -m scripts.benchmarks stain [--patients 60] [--splits 3] [--models csmil_joint,dsmil,deepattnmisl_20x]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scripts.benchmarks.common import protocol_reports, report
+from scripts.data.demo import STAIN_COHORTS
+
+
+def cohort_overrides(name: str, patients: int) -> list[str]:
+    params = dict(STAIN_COHORTS[name])
+    size = params.pop("size")
+    return ["--demo_num_patients", str(patients), "--demo_slide_size", str(size), "--demo_options", json.dumps(params)]
+
+
+def summarise(by_method: dict[str, dict[int, dict]]) -> tuple[list[dict], dict[str, float]]:
+    """Rows (model x method: combined AUC mean over seeds, its CIs) and the ratios against no normalisation."""
+    rows, value = [], {}
+    for method, reports in by_method.items():
+        seeds = sorted(reports)
+        for model in reports[seeds[0]]["models"]:
+            per = [reports[s]["models"][model] for s in seeds]
+            auc = float(np.mean([m["combined"]["auc"] for m in per]))
+            value[(model, method)] = auc
+            rows.append({"model": model, "stain_normalization": method, "auc_combined": auc,
+                         "auc_mean_over_splits": float(np.mean([m["mean"]["auc"] for m in per])),
+                         "ci95": " ".join(f"[{m['ci95']['auc']['low']:.3f}, {m['ci95']['auc']['high']:.3f}]" for m in per if "ci95" in m)})
+    rows.sort(key=lambda r: (r["model"], r["stain_normalization"]))
+    ratios = {}
+    models = sorted({m for m, _ in value})
+    for method in by_method:
+        if method == "none":
+            continue
+        if ("csmil_joint", method) in value and ("csmil_joint", "none") in value:
+            ratios[f"{method}_vs_none_csmil_joint"] = value[("csmil_joint", method)] / value[("csmil_joint", "none")]
+        pairs = [(value[(m, method)], value[(m, "none")]) for m in models if (m, method) in value and (m, "none") in value]
+        if pairs:
+            ratios[f"{method}_vs_none_mean"] = float(np.mean([a for a, _ in pairs]) / np.mean([b for _, b in pairs]))
+    return rows, ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks stain", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cohort", default="clean_sites", choices=sorted(STAIN_COHORTS))
+    ap.add_argument("--patients", type=int, default=60)
+    ap.add_argument("--splits", type=int, default=3)
+    ap.add_argument("--seeds", default="0", help="comma-separated protocol seeds (--eval_seed)")
+    ap.add_argument("--methods", default="none,macenko,reinhard")
+    ap.add_argument("--workers", type=int, default=1, help="eval_workers")
+    ap.add_argument("--models", default="csmil_joint,dsmil,deepattnmisl_20x,deepattnmisl_10x,deepattnmisl_5x",
+                    help="comma-separated, or 'default' (evaluate.yaml's eval_models)")
+    ap.add_argument("--bootstrap", type=int, default=500)
+    ap.add_argument("--workdir", default="outputs/bench-stain", help="cohort, features and runs (reused when present)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
+    models = [] if args.models == "default" else ["--eval_models", json.dumps(args.models.split(","))]
+    t = time.perf_counter()
+    by_method = {}
+    for method in args.methods.split(","):
+        stain = ["--stain_normalization", method] if method != "none" else []
+        by_method[method] = protocol_reports(work, [int(x) for x in args.seeds.split(",")], args.splits, args.workers, args.bootstrap,
+                                             [*cohort_overrides(args.cohort, args.patients), *models, *stain], tag=f"{method}-")
+    rows, ratios = summarise(by_method)
+    print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {args.seeds}, methods {args.methods}, "
+          f"{(time.perf_counter() - t) / 60:.1f} min")
+    report("stain", rows, ratios, args.json)
