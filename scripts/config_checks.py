@@ -80,6 +80,10 @@ RULES: dict[str, Rule] = {
     "pretrain_base_lr": _pos("SimSiam base learning rate"),
     "pretrain_max_patches_per_slide": _int("patches per slide for SimSiam (0 = all)", 0),
     "feature_batch_size": _int("patches per encoder batch"),
+    "stain_normalization": Rule("choice", "stain normalisation before the encoders, on the device (null = none)", null=True,
+                                choices=("macenko", "reinhard")),
+    "stain_target": Rule("path", "picture (or slide) whose stain the normalisation matches (null = the method's reference)", null=True),
+    "pretrain_stain_jitter": Rule("fraction", "probability of the H&E stain jitter per SimSiam view", 0.0, 1.0),
     # cluster / MIL
     "num_clusters": _int("phenotype clusters per slide (K)"),
     "cluster_scale_mpp": _pos("scale whose features are clustered (one of scales_mpp)"),
