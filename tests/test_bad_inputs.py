@@ -483,6 +483,18 @@ def case_named_encoder_gated(tmp):
         server.shutdown()
 
 
+def case_stain_target_not_found(tmp):
+    from scripts.features.stain import target_from_file
+
+    target_from_file("macenko", str(tmp / "reference_tile.png"))
+
+
+def case_dicom_slide_other_backend(tmp):
+    (tmp / "case-7").mkdir()
+    (tmp / "case-7" / "level0.dcm").write_bytes(b"DICM")  # a series folder (the backend is refused before reading)
+    _open(tmp / "case-7", backend="tifffile")
+
+
 def case_encoder_file_returns_tokens(tmp):
     import torch
 
@@ -582,6 +594,8 @@ def case_disk_full(tmp):
 
 CASES = {
     "manifest_missing": (case_manifest_missing, "manifest not found"),
+    "stain_target_not_found": (case_stain_target_not_found, "stain target image not found"),
+    "dicom_slide_other_backend": (case_dicom_slide_other_backend, "DICOM-WSI series, which the tifffile backend does not read"),
     "named_encoder_not_cached": (case_named_encoder_not_cached, "not in this Hugging Face cache"),
     "named_encoder_map_without_name": (case_named_encoder_map_without_name, "has no entry for encoder 'uni'"),
     "named_encoder_wrong_layout": (case_named_encoder_wrong_layout, "is not a transformers vit checkpoint"),
