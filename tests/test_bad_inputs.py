@@ -457,30 +457,14 @@ def case_named_encoder_wrong_layout(tmp):
 
 
 def case_named_encoder_gated(tmp):
-    import http.server
     import os
-    import threading
 
+    from hub_server import fake_hub
     from scripts.features.foundation import build_named_encoder
 
-    class Hub(http.server.BaseHTTPRequestHandler):  # answers as the Hugging Face hub does for a gated repository
-        def do_HEAD(self):
-            self.send_response(403)
-            self.send_header("X-Error-Code", "GatedRepo")
-            self.end_headers()
-
-        do_GET = do_HEAD
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    os.environ.update(HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}")
-    try:
+    with fake_hub() as endpoint:  # answers as the Hugging Face hub does for a gated repository
+        os.environ.update(HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint)
         build_named_encoder("uni")
-    finally:
-        server.shutdown()
 
 
 def case_stain_target_not_found(tmp):

@@ -6,9 +6,7 @@ answers as the hub does."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -167,30 +165,16 @@ def test_missing_gated_and_mismatched_models_stop_with_one_line(offline_cache, t
 
         build_backbone("uni")
 
-    class Hub(http.server.BaseHTTPRequestHandler):  # answers as the hub does for a gated repository
-        def do_HEAD(self):
-            self.send_response(403 if "UNI" in self.path else 404)
-            self.send_header("X-Error-Code", "GatedRepo" if "UNI" in self.path else "RepoNotFound")
-            self.send_header("X-Error-Message", "Access to model is restricted")
-            self.end_headers()
+    from hub_server import fake_hub
 
-        do_GET = do_HEAD
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with fake_hub() as endpoint:  # answers as the hub does: MahmoodLab/UNI gated, every other repository missing
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
         with pytest.raises(BundleInputError) as err:
             build_named_encoder("uni")
         assert "gated" in str(err.value) and "request access at https://huggingface.co/MahmoodLab/UNI" in str(err.value)
         with pytest.raises(BundleInputError, match="not found on the Hugging Face hub"):
             build_named_encoder("virchow")
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.slow

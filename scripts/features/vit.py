@@ -164,24 +164,36 @@ def _qkv(state: Dict[str, torch.Tensor], pre: str, kind: str) -> torch.Tensor:
     return torch.cat([state[f"{pre}.{n}.{kind}"] for n in ("query", "key", "value")], dim=0)
 
 
+def _blocks(state: Dict[str, torch.Tensor], out: Dict[str, torch.Tensor], names: Dict[str, str], first: str) -> None:
+    """Map the transformer layers ``encoder.layer.<i>`` (while ``<i>.<first>.weight`` exists) into ``out``: the
+    attention as ``attn.qkv`` / ``attn.proj``, and ``names`` (our name -> theirs) for the norms and the MLP."""
+    i = 0
+    while f"encoder.layer.{i}.{first}.weight" in state:
+        p, q = f"encoder.layer.{i}", f"blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{q}.attn.qkv.{kind}"] = _qkv(state, f"{p}.attention.attention", kind)
+            out[f"{q}.attn.proj.{kind}"] = state[f"{p}.attention.output.dense.{kind}"]
+            for ours, theirs in names.items():
+                out[f"{q}.{ours}.{kind}"] = state[f"{p}.{theirs}.{kind}"]
+        if f"{p}.layer_scale1.lambda1" in state:
+            out[f"{q}.ls1.gamma"] = state[f"{p}.layer_scale1.lambda1"]
+            out[f"{q}.ls2.gamma"] = state[f"{p}.layer_scale2.lambda1"]
+        i += 1
+
+
+def _ends(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The patch embedding and the final norm (the same names in both layouts)."""
+    return {"patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+            "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+            "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
+
+
 def from_hf_vit(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A transformers ``ViTModel`` state dict in this module's layout (pooler dropped)."""
     state = legacy_names(state, vit=True)
-    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
-           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
-           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
-    i = 0
-    while f"encoder.layer.{i}.layernorm_before.weight" in state:
-        p, q = f"encoder.layer.{i}", f"blocks.{i}"
-        for kind in ("weight", "bias"):
-            out[f"{q}.norm1.{kind}"] = state[f"{p}.layernorm_before.{kind}"]
-            out[f"{q}.attn.qkv.{kind}"] = _qkv(state, f"{p}.attention.attention", kind)
-            out[f"{q}.attn.proj.{kind}"] = state[f"{p}.attention.output.dense.{kind}"]
-            out[f"{q}.norm2.{kind}"] = state[f"{p}.layernorm_after.{kind}"]
-            out[f"{q}.mlp.fc1.{kind}"] = state[f"{p}.intermediate.dense.{kind}"]
-            out[f"{q}.mlp.fc2.{kind}"] = state[f"{p}.output.dense.{kind}"]
-        i += 1
+    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"], **_ends(state)}
+    _blocks(state, out, {"norm1": "layernorm_before", "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense",
+                         "mlp.fc2": "output.dense"}, "layernorm_before")
     return out
 
 
@@ -193,26 +205,12 @@ def from_hf_dinov2(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     (``no_embed_class=True``): the same sums. The SwiGLU's ``weights_in`` / ``weights_out`` are ``fc1`` / ``fc2``."""
     state = legacy_names(state, vit=False)
     pos = state["embeddings.position_embeddings"]
-    out = {"cls_token": state["embeddings.cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:],
-           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
-           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
+    out = {"cls_token": state["embeddings.cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:], **_ends(state)}
     if "embeddings.register_tokens" in state:
         out["reg_token"] = state["embeddings.register_tokens"]
-    i = 0
-    while f"encoder.layer.{i}.norm1.weight" in state:
-        p, q = f"encoder.layer.{i}", f"blocks.{i}"
-        out[f"{q}.ls1.gamma"] = state[f"{p}.layer_scale1.lambda1"]
-        out[f"{q}.ls2.gamma"] = state[f"{p}.layer_scale2.lambda1"]
-        glu = f"{p}.mlp.weights_in.weight" in state
-        for kind in ("weight", "bias"):
-            out[f"{q}.norm1.{kind}"] = state[f"{p}.norm1.{kind}"]
-            out[f"{q}.attn.qkv.{kind}"] = _qkv(state, f"{p}.attention.attention", kind)
-            out[f"{q}.attn.proj.{kind}"] = state[f"{p}.attention.output.dense.{kind}"]
-            out[f"{q}.norm2.{kind}"] = state[f"{p}.norm2.{kind}"]
-            out[f"{q}.mlp.fc1.{kind}"] = state[f"{p}.mlp.{'weights_in' if glu else 'fc1'}.{kind}"]
-            out[f"{q}.mlp.fc2.{kind}"] = state[f"{p}.mlp.{'weights_out' if glu else 'fc2'}.{kind}"]
-        i += 1
+    glu = "encoder.layer.0.mlp.weights_in.weight" in state
+    _blocks(state, out, {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.weights_in" if glu else "mlp.fc1",
+                         "mlp.fc2": "mlp.weights_out" if glu else "mlp.fc2"}, "norm1")
     return out
 
 
