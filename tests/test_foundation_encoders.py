@@ -1,4 +1,4 @@
-"""Foundation encoders by name (scripts/features/foundation.py): every registry entry builds on the meta device with
+"""Foundation encoders by name (scripts/features/foundation.py), and with stain normalisation through the pipeline: every registry entry builds on the meta device with
 its model card's size, transformers checkpoints map onto the timm layout exactly, weights come from a Hugging Face
 cache folder the test writes (offline), a file or a JSON map, a missing or gated model stops with one line, and the
 test entry runs the whole pipeline offline. Nothing is downloaded: the gated case talks to a local server that
@@ -177,24 +177,37 @@ def test_missing_gated_and_mismatched_models_stop_with_one_line(offline_cache, t
             build_named_encoder("virchow")
 
 
+def _cause(err: BaseException) -> BaseException | None:
+    """The BundleInputError behind a config evaluation's RuntimeError (the command line prints it as one line)."""
+    while err is not None and not isinstance(err, BundleInputError):
+        err = err.__cause__
+    return err
+
+
 @pytest.mark.slow
 def test_a_named_encoder_runs_the_pipeline_offline(offline_cache, tiny_demo, tmp_path):
-    """Acceptance: `--encoder_arch vit-test` (weights from the offline hub cache) prepares, extracts, trains, infers
-    and exports; the Deploy repository's encoder (TorchScript, uint8 in) gives the bundle's features."""
+    """Acceptance of issue 29 in one run: `--encoder_arch vit-test` (weights from the offline hub cache) with Reinhard
+    stain normalisation prepares, extracts, trains, infers and exports. The checkpoint records both; inference refuses
+    other weights or another stain step; the Deploy repository's encoder (TorchScript, uint8 in) carries the stain
+    step and gives the bundle's features."""
     import csv
 
     from conftest import run_bundle
+    from scripts.checkpoint.contract import read_file
+    from scripts.checkpoint.trained import TrainedModel
     from scripts.deploy.runtime import DeployModels
+    from scripts.features.device_preprocessing import with_preprocessing
 
     data = dict(dataset_dir=str(tiny_demo.parent), output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"))
-    run_bundle("train.yaml", max_epochs=1, val_fraction=0.5, encoder_arch="vit-test", **data)
+    run_bundle("train.yaml", max_epochs=1, val_fraction=0.5, encoder_arch="vit-test", stain_normalization="reinhard", **data)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["input_mean"].shape == (96,)  # class + mean patch token of the 48-d test ViT
-    from scripts.checkpoint.contract import read_file
-
     contract = read_file(tmp_path / "models" / "model.pt")
     assert contract["encoder_arch"] == "vit-test" and contract["encoders"][0]["arch"] == "vit-test"
-    run_bundle("inference.yaml", input=str(tiny_demo.parent / "slides" / "demo-p001-s0.tif"), num_bags=3, **data)
+    assert contract["stain_normalization"] == "reinhard" and contract["preprocessing_args"]["stain"] == "reinhard"
+    assert len(contract["preprocessing_args"]["stain_target"]["target_mean"]) == 3  # the full target is recorded
+    slide = str(tiny_demo.parent / "slides" / "demo-p001-s0.tif")
+    run_bundle("inference.yaml", input=slide, num_bags=3, **data)  # encoder and stain come from the checkpoint
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
     assert len(rows) == 1 and 0.0 <= float(rows[0]["probability"]) <= 1.0
     assert (tmp_path / "out" / "demo-p001-s0" / "attention_20x.png").is_file()
@@ -202,16 +215,17 @@ def test_a_named_encoder_runs_the_pipeline_offline(offline_cache, tiny_demo, tmp
     models = DeployModels(tmp_path / "deploy")
     enc = models.settings["contract"]["encoders"][0]
     assert enc["arch"] == "vit-test" and enc["input"]["input_size"] == 224 and enc["input"]["resize_mode"] == "bicubic"
+    assert {e.stain_method for e in models.encoders} == {"reinhard"}
+    trained = TrainedModel(tmp_path / "models" / "model.pt")
+    eager = with_preprocessing(trained.encoders(), trained.preprocessing())[0]  # as extraction runs it
     x = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(models.encoders[0](x), build_named_encoder("vit-test")(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError) as err:  # other weights than training's: refused by the contract
-        run_bundle("inference.yaml", input=str(tiny_demo.parent / "slides" / "demo-p001-s0.tif"), num_bags=3, encoder_weights="random",
-                   **{**data, "output_dir": str(tmp_path / "out2")})
-    cause = err.value
-    while cause is not None and not isinstance(cause, BundleInputError):
-        cause = cause.__cause__
-    assert cause is not None and "encoder" in str(cause), err.value
+        assert torch.equal(models.encoders[0].stain(x), eager.stain(x))  # the same stain code, bit for bit
+        torch.testing.assert_close(models.encoders[0](x), eager(x), rtol=1e-5, atol=1e-5)
+    for override, words in (({"encoder_weights": "random"}, "encoder"), ({"stain_normalization": "macenko"}, "stain_normalization = reinhard")):
+        with pytest.raises(RuntimeError) as err:  # refused by the contract, in one line on the command line
+            run_bundle("inference.yaml", input=slide, num_bags=3, **{**data, "output_dir": str(tmp_path / "out2"), **override})
+        assert _cause(err.value) is not None and words in str(_cause(err.value)), err.value
 
 
 def test_docs_list_the_registry():

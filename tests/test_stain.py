@@ -134,31 +134,5 @@ def test_hed_jitter_for_simsiam():
     assert torch.equal(off({"view1": img})["view1"], img)
 
 
-@pytest.mark.slow
-def test_a_stain_normalised_model_through_training_inference_and_export(tiny_demo, tmp_path):
-    """Training records the normalisation; inference and the export take it from the checkpoint, refuse another one,
-    and the Deploy repository's encoders carry the same stain step."""
-    import csv
-
-    from conftest import run_bundle
-    from scripts.checkpoint.contract import read_file
-    from scripts.deploy.runtime import DeployModels
-
-    data = dict(dataset_dir=str(tiny_demo.parent), ckpt_dir=str(tmp_path / "models"))
-    run_bundle("train.yaml", max_epochs=1, val_fraction=0.5, output_dir=str(tmp_path / "train"), stain_normalization="macenko", **data)
-    contract = read_file(tmp_path / "models" / "model.pt")
-    assert contract["stain_normalization"] == "macenko" and contract["preprocessing_args"]["stain"] == "macenko"
-    assert np.asarray(contract["preprocessing_args"]["stain_target"]["target_he"]).shape == (3, 2)
-    slide = str(tiny_demo.parent / "slides" / "demo-p001-s0.tif")
-    run_bundle("inference.yaml", input=slide, num_bags=3, output_dir=str(tmp_path / "out"), **data)  # the checkpoint's stain
-    assert len(list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))) == 1
-    with pytest.raises(RuntimeError) as err:
-        run_bundle("inference.yaml", input=slide, num_bags=3, output_dir=str(tmp_path / "out2"), stain_normalization="reinhard", **data)
-    cause = err.value
-    while cause is not None and not isinstance(cause, BundleInputError):
-        cause = cause.__cause__
-    assert cause is not None and "stain_normalization = macenko" in str(cause)
-    run_bundle("deploy.yaml", deploy_dir=str(tmp_path / "deploy"), num_bags=3, ckpt_dir=str(tmp_path / "models"))
-    models = DeployModels(tmp_path / "deploy")
-    assert {e.stain_method for e in models.encoders} == {"macenko"}
-    assert models.settings["preprocessing"]["stain"] == "macenko"
+# The pipeline with stain normalisation (training records it, inference and export take it from the checkpoint and
+# refuse another, the Deploy encoders carry the same code): tests/test_foundation_encoders.py, one run for both.
