@@ -100,9 +100,12 @@ def test_stain_runs_first_on_the_device_and_is_the_same_code_in_the_export(metho
         assert exported.stain_method == method
         x = torch.randint(0, 256, (3, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
-            assert torch.equal(exported.stain(x), encoders[0].stain(x))  # bit for bit
+            plain = encoders[0].stain(x)
+            assert torch.equal(exported.stain(x), plain)  # bit for bit
             torch.testing.assert_close(exported(x), encoders[0](x), rtol=1e-5, atol=1e-5)
         assert attach([exported], device)[0] is exported  # the Deploy app: already carries it
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # extraction's autocast (bf16 on CUDA)
+            assert torch.equal(exported.stain(x), plain)  # computed in float64, which autocast leaves alone
     with pytest.raises(BundleInputError, match="carries stain normalisation"):
         other = split_transform(patch_preprocessing([0.5], 256, stain="reinhard" if method == "macenko" else "macenko"))[1]
         attach([exported], other)

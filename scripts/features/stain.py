@@ -55,28 +55,31 @@ class MacenkoNormalize(nn.Module):
         self.register_buffer("max_cref", torch.tensor(list(max_cref), dtype=torch.float32), persistent=False)
 
     def stain_matrix(self, od: torch.Tensor) -> torch.Tensor:
-        """H&E absorbance matrix [3, 2] of one patch's optical densities [N, 3] (at least two tissue pixels)."""
+        """H&E absorbance matrix [3, 2] of one patch's optical densities [N, 3] (float64, at least two tissue pixels)."""
         tissue = od[(od > self.beta).all(dim=1)]
         centred = tissue - tissue.mean(dim=0, keepdim=True)
-        cov = centred.t().double() @ centred.double() / float(tissue.shape[0] - 1)  # np.cov: float64
-        _, vecs = torch.linalg.eigh(cov.float())
+        cov = centred.t() @ centred / float(tissue.shape[0] - 1)
+        _, vecs = torch.linalg.eigh(cov)
         plane = vecs[:, 1:3]
         t_hat = tissue @ plane
-        phi = torch.atan2(t_hat[:, 1], t_hat[:, 0]).double()
-        q = torch.tensor([self.alpha / 100.0, 1.0 - self.alpha / 100.0], dtype=torch.float64, device=od.device)
+        phi = torch.atan2(t_hat[:, 1], t_hat[:, 0])
+        q = torch.tensor([self.alpha / 100.0, 1.0 - self.alpha / 100.0], dtype=od.dtype, device=od.device)
         lo_hi = torch.quantile(phi, q)
-        v_min = plane @ torch.stack([torch.cos(lo_hi[0]), torch.sin(lo_hi[0])]).float()
-        v_max = plane @ torch.stack([torch.cos(lo_hi[1]), torch.sin(lo_hi[1])]).float()
+        v_min = plane @ torch.stack([torch.cos(lo_hi[0]), torch.sin(lo_hi[0])])
+        v_max = plane @ torch.stack([torch.cos(lo_hi[1]), torch.sin(lo_hi[1])])
         eps = 1.1920928955078125e-07
         if float(v_min[0] / (v_min[2] + eps)) < float(v_max[0] / (v_max[2] + eps)):  # hematoxylin: the lower red / blue ratio
             return torch.stack([v_min, v_max], dim=1)
         return torch.stack([v_max, v_min], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32)
+        # float64 throughout: CUDA autocast (bf16 in extraction) leaves float64 alone, so the stain vectors are exact
+        x = x.to(torch.float64)
         b, c, h, w = x.shape
         out = torch.empty_like(x)
         q99 = torch.tensor([0.99], dtype=torch.float64, device=x.device)
+        target_he = self.target_he.to(torch.float64)
+        max_cref = self.max_cref.to(torch.float64)
         for i in range(b):
             pixels = x[i].reshape(c, h * w).t()
             od = -torch.log(torch.clamp(pixels + 1.0, max=self.tli) / self.tli)
@@ -86,12 +89,12 @@ class MacenkoNormalize(nn.Module):
                 continue
             he = self.stain_matrix(od)
             conc = torch.linalg.pinv(he) @ od.t()  # least squares, [2, N]
-            max_conc = torch.stack([torch.quantile(conc[0].double(), q99)[0], torch.quantile(conc[1].double(), q99)[0]]).float()
-            scaled = conc / (max_conc / self.max_cref).unsqueeze(1)
-            norm = self.tli * torch.exp(-(self.target_he @ scaled))
+            max_conc = torch.stack([torch.quantile(conc[0], q99)[0], torch.quantile(conc[1], q99)[0]])
+            scaled = conc / (max_conc / max_cref).unsqueeze(1)
+            norm = self.tli * torch.exp(-(target_he @ scaled))
             norm = torch.where(norm > 255.0, torch.full_like(norm, 254.0), norm)
             out[i] = torch.floor(norm).reshape(c, h, w)
-        return out
+        return out.to(torch.float32)
 
     @torch.jit.unused
     def settings(self) -> dict:
@@ -134,17 +137,17 @@ class ReinhardNormalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        lab = _srgb_to_lab(x.to(torch.float32).reshape(b, c, h * w) / 255.0)
-        tissue = (lab[:, 0] < self.tissue_l).to(torch.float32).unsqueeze(1)  # [B, 1, N]
+        lab = _srgb_to_lab(x.to(torch.float64).reshape(b, c, h * w) / 255.0)  # float64: CUDA autocast leaves it alone
+        tissue = (lab[:, 0] < self.tissue_l).to(lab.dtype).unsqueeze(1)  # [B, 1, N]
         count = tissue.sum(dim=2, keepdim=True)
         enough = count >= max(2.0, self.min_tissue * h * w)
         weights = torch.where(enough, tissue, torch.ones_like(tissue))
         n = weights.sum(dim=2, keepdim=True)
         mean = (lab * weights).sum(dim=2, keepdim=True) / n
         std = torch.sqrt(((lab - mean) ** 2 * weights).sum(dim=2, keepdim=True) / n).clamp(min=1e-3)
-        mapped = (lab - mean) / std * self.target_std + self.target_mean
+        mapped = (lab - mean) / std * self.target_std.to(torch.float64) + self.target_mean.to(torch.float64)
         rgb = _lab_to_srgb(torch.where(enough, mapped, lab)) * 255.0
-        return rgb.reshape(b, c, h, w)
+        return rgb.reshape(b, c, h, w).to(torch.float32)
 
     @torch.jit.unused
     def settings(self) -> dict:
@@ -176,17 +179,16 @@ def build_stain(method: str | None, **target: Any) -> nn.Module | None:
 
 def fit_target(method: str, image: np.ndarray) -> dict:
     """Target values of ``method`` measured on ``image`` (H x W x 3 uint8 RGB, e.g. a reference tile)."""
-    x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float()
+    x = torch.as_tensor(np.array(image)).permute(2, 0, 1).unsqueeze(0).to(torch.float64)
     if method == "macenko":
         m = MacenkoNormalize()
         od = -torch.log(torch.clamp(x[0].reshape(3, -1).t() + 1.0, max=m.tli) / m.tli)
         he = m.stain_matrix(od)
         conc = torch.linalg.pinv(he) @ od.t()
-        max_c = torch.quantile(conc.double(), 0.99, dim=1).float()
-        return {"target_he": he.tolist(), "max_cref": max_c.tolist()}
+        return {"target_he": he.tolist(), "max_cref": torch.quantile(conc, 0.99, dim=1).tolist()}
     if method == "reinhard":
         lab = _srgb_to_lab(x.reshape(1, 3, -1) / 255.0)[0]
-        tissue = lab[:, lab[0] < 88.0]
+        tissue = lab[:, lab[0] < 88.0]  # float64
         return {"target_mean": tissue.mean(dim=1).tolist(), "target_std": tissue.std(dim=1, unbiased=False).tolist()}
     raise ValueError(f"unknown method {method!r}")
 
