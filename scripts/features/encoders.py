@@ -30,7 +30,6 @@ ARCHS = {
 def build_backbone(arch: str = "resnet50") -> torch.nn.Module:
     """A 2-D MONAI ResNet without its classifier: (B, 3, H, W) -> (B, D)."""
     from scripts.features.encoder_files import is_encoder_file
-
     from scripts.features.foundation import is_named_encoder
 
     if is_named_encoder(arch):

@@ -27,8 +27,9 @@ def input_records(source: str | Path, mpp: float | None = None, label_map: dict 
         folder = dicom_folder(src)
         records = [SlideRecord(folder.name, folder.name, str(folder), -1)]
     elif src.is_dir():
-        files = sorted([p for p in src.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()]
-                       + [p for p in src.rglob("*") if p.is_dir() and dicom_folder(p) is not None])  # DICOM-WSI: one folder each
+        entries = list(src.rglob("*"))
+        files = sorted([p for p in entries if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()]
+                       + [p for p in entries if p.is_dir() and dicom_folder(p) is not None])  # DICOM-WSI: one folder each
         if not files:
             raise BundleInputError(src, "folder holds no slide files", f"put slides ({', '.join(SLIDE_SUFFIXES[:4])}, ..., DICOM-WSI folders) or a manifest.csv in it")
         stems = [p.stem for p in files]
