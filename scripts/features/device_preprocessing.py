@@ -82,10 +82,7 @@ def with_stain(encoder: torch.nn.Module, stain: torch.nn.Module) -> torch.nn.Mod
 
 def stain_of(encoder: torch.nn.Module) -> str:
     """The stain normalisation an encoder carries (``none`` for one without, or exported before 0.19)."""
-    try:
-        return str(getattr(encoder, "stain_method", "none"))
-    except AttributeError:  # a TorchScript module without the attribute
-        return "none"
+    return str(getattr(encoder, "stain_method", "none"))
 
 
 def includes_preprocessing(encoder: torch.nn.Module) -> bool:

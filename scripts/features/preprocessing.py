@@ -39,11 +39,10 @@ def patch_preprocessing(
     method (``macenko``, ``reinhard``; ``stain_target``: its target values, default the method's standard reference:
     :mod:`scripts.features.stain`), scaled from [0, 255] to [0, 1], normalised by ``mean``/``std`` per channel,
     float32; one key per scale (:func:`scale_keys`)."""
-    from scripts.features.stain import StainNormalized, build_stain
+    from scripts.features.stain import StainNormalized
 
     keys = scale_keys(scales_mpp)
     size = int(patch_size)
-    build_stain(stain)  # an unknown method stops here, in one line
     staining = [StainNormalized(keys=keys, method=stain, target=stain_target)] if stain not in (None, "", "none") else []
     return Compose([
         LoadMultiScaleRegiond(keys=keys, scales_mpp=list(scales_mpp), patch_size=size, backend=backend, read_cell_um=read_cell_um,

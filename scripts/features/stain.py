@@ -40,6 +40,11 @@ REINHARD_TARGET_MEAN = (48.1420, 28.6187, -12.3610)
 REINHARD_TARGET_STD = (19.5587, 12.6977, 9.8526)
 
 
+def optical_density(pixels: torch.Tensor, tli: float) -> torch.Tensor:
+    """Absorbance of RGB values in [0, 255] (MONAI's definition: ``-log(min(I + 1, tli) / tli)``)."""
+    return -torch.log(torch.clamp(pixels + 1.0, max=tli) / tli)
+
+
 class MacenkoNormalize(nn.Module):
     """[B, 3, H, W] RGB (uint8 or float in [0, 255]) -> float32 [B, 3, H, W], integer-valued in [0, 255]."""
 
@@ -82,7 +87,7 @@ class MacenkoNormalize(nn.Module):
         max_cref = self.max_cref.to(torch.float64)
         for i in range(b):
             pixels = x[i].reshape(c, h * w).t()
-            od = -torch.log(torch.clamp(pixels + 1.0, max=self.tli) / self.tli)
+            od = optical_density(pixels, self.tli)
             n_tissue = int((od > self.beta).all(dim=1).sum())
             if n_tissue < max(2, int(self.min_tissue * h * w)):  # background: nothing to measure the stains on
                 out[i] = x[i]
@@ -182,7 +187,7 @@ def fit_target(method: str, image: np.ndarray) -> dict:
     x = torch.as_tensor(np.array(image)).permute(2, 0, 1).unsqueeze(0).to(torch.float64)
     if method == "macenko":
         m = MacenkoNormalize()
-        od = -torch.log(torch.clamp(x[0].reshape(3, -1).t() + 1.0, max=m.tli) / m.tli)
+        od = optical_density(x[0].reshape(3, -1).t(), m.tli)
         he = m.stain_matrix(od)
         conc = torch.linalg.pinv(he) @ od.t()
         return {"target_he": he.tolist(), "max_cref": torch.quantile(conc, 0.99, dim=1).tolist()}
@@ -250,6 +255,14 @@ class StainNormalized(MapTransform):
 RUIFROK_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 
 
+def ruifrok_matrices() -> tuple[np.ndarray, np.ndarray]:
+    """``(rgb_from_hed, hed_from_rgb)``: Ruifrok's unit-length H, E, DAB vectors and their inverse (float64), for
+    colour deconvolution of optical densities ``od @ hed_from_rgb`` and back."""
+    m = np.asarray(RUIFROK_HED, dtype=np.float64)
+    rgb_from_hed = m / np.linalg.norm(m, axis=1, keepdims=True)
+    return rgb_from_hed, np.linalg.inv(rgb_from_hed)
+
+
 class RandHEStainJitterd(RandomizableTransform, MapTransform):
     """Stain augmentation (Tellez et al. 2018, "HED jitter"): with probability ``prob``, the patch's H, E and DAB
     concentrations (colour deconvolution with Ruifrok's vectors) are scaled by ``1 ± sigma`` and shifted by
@@ -261,9 +274,7 @@ class RandHEStainJitterd(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, prob)
         self.sigma = float(sigma)
         self.bias = float(bias)
-        m = torch.tensor(RUIFROK_HED, dtype=torch.float64)
-        self._rgb_from_hed = m / m.norm(dim=1, keepdim=True)
-        self._hed_from_rgb = torch.linalg.inv(self._rgb_from_hed)
+        self._rgb_from_hed, self._hed_from_rgb = (torch.from_numpy(m) for m in ruifrok_matrices())
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)

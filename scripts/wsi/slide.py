@@ -24,7 +24,7 @@ from monai.data import WSIReader
 from scripts.data.manifest import MPP_RANGE  # noqa: F401 - re-exported: plausible level-0 µm per px
 from scripts.errors import BundleInputError
 from scripts.wsi.convert import picture_format
-from scripts.wsi.formats import DICOM_BACKENDS, dicom_folder, is_slide, reader_path
+from scripts.wsi.formats import DICOM_BACKENDS, dicom_folder, reader_path
 from scripts.wsi.memory import pin_mmap_threshold
 from scripts.wsi.resample import block_mean, resize_area
 
@@ -162,9 +162,10 @@ class SlideReader:
         CHUNK_CACHE.budget = int(read_cache_mb * 2**20)
         if backend not in BACKENDS:
             raise BundleInputError(self.path, f"unknown WSI backend '{backend}'", f"use one of {BACKENDS}")
-        if not is_slide(self.path):
+        dicom = dicom_folder(self.path)
+        if dicom is None and not self.path.is_file():
             raise BundleInputError(self.path, "slide file not found", "check the manifest path (relative paths are resolved against the manifest's folder)")
-        if dicom_folder(self.path) is not None and backend not in DICOM_BACKENDS:
+        if dicom is not None and backend not in DICOM_BACKENDS:
             raise BundleInputError(self.path, f"is a DICOM-WSI series, which the {backend} backend does not read",
                                    f"pass --wsi_backend {DICOM_BACKENDS[0]} (OpenSlide 4 reads DICOM-WSI; docs/formats.md)")
         self.backend = backend
