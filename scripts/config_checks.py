@@ -84,6 +84,9 @@ RULES: dict[str, Rule] = {
                                 choices=("macenko", "reinhard")),
     "stain_target": Rule("path", "picture (or slide) whose stain the normalisation matches (null = the method's reference)", null=True),
     "pretrain_stain_jitter": Rule("fraction", "probability of the H&E stain jitter per SimSiam view", 0.0, 1.0),
+    "stain_views": _int("stain-augmented feature views per slide for MIL training (0 = off)", 0, 64),
+    "stain_views_sigma": Rule("fraction", "stain views: H, E, DAB concentrations scaled by 1 ± sigma", 0.0, 1.0),
+    "stain_views_bias": Rule("float", "stain views: H, E, DAB concentrations shifted by ± bias", 0.0, 1.0),
     # cluster / MIL
     "num_clusters": _int("phenotype clusters per slide (K)"),
     "cluster_scale_mpp": _pos("scale whose features are clustered (one of scales_mpp)"),

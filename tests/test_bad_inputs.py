@@ -473,6 +473,18 @@ def case_stain_target_not_found(tmp):
     target_from_file("macenko", str(tmp / "reference_tile.png"))
 
 
+def case_stain_views_missing(tmp):
+    from scripts.data.manifest import SlideRecord
+    from scripts.features.stain_views import StainViews, load_views
+    from scripts.features.store import FeatureEntry
+
+    entry = tmp / "features" / "slide-1-abc"
+    entry.mkdir(parents=True)
+    np.save(entry / "features.npy", np.zeros((4, 3, 8), np.float16))
+    (entry / "meta.json").write_text("{}")
+    load_views(FeatureEntry(entry, SlideRecord("slide-1", "p1", str(tmp / "slide-1.tif"), 1)), StainViews(4))
+
+
 def case_dicom_slide_other_backend(tmp):
     (tmp / "case-7").mkdir()
     (tmp / "case-7" / "level0.dcm").write_bytes(b"DICM")  # a series folder (the backend is refused before reading)
@@ -579,6 +591,7 @@ def case_disk_full(tmp):
 CASES = {
     "manifest_missing": (case_manifest_missing, "manifest not found"),
     "stain_target_not_found": (case_stain_target_not_found, "stain target image not found"),
+    "stain_views_missing": (case_stain_views_missing, "has no stain views for these settings"),
     "dicom_slide_other_backend": (case_dicom_slide_other_backend, "DICOM-WSI series, which the tifffile backend does not read"),
     "named_encoder_not_cached": (case_named_encoder_not_cached, "not in this Hugging Face cache"),
     "named_encoder_map_without_name": (case_named_encoder_map_without_name, "has no entry for encoder 'uni'"),

@@ -1,11 +1,13 @@
-"""Stain normalisation measured: the full evaluation protocol on a co-location cohort scanned at three sites
-(``scripts.data.demo.STAIN_COHORTS``: each site its own H&E staining, every site holding both classes) without
-normalisation and with each method (``--stain_normalization macenko | reinhard``), on the same cohort and splits.
+"""Stain normalisation and stain augmentation measured: the full evaluation protocol on a co-location cohort scanned
+at three sites (``scripts.data.demo.STAIN_COHORTS``: each site its own H&E staining, every site holding both classes)
+without normalisation and with each method (``--stain_normalization macenko | reinhard``), each optionally with
+the stain views of MIL training (an arm ``<method>+views``: ``--stain_views --views``), on the same cohort and splits.
 
-Key metric per model and method: the combined (pooled out-of-fold) AUC. Baseline measured in the same run: no
-normalisation. Ratios: ``<method>_vs_none`` for the reference model (csmil_joint) and the mean over models.
+Key metric per model and arm: the combined (pooled out-of-fold) AUC. Baseline measured in the same run: no
+normalisation, no views (the arm ``none``). Ratios: ``<arm>_vs_none`` for the reference model (csmil_joint) and the
+mean over models.
 
-    python -m scripts.benchmarks stain [--patients 60] [--splits 3] [--models csmil_joint,dsmil,deepattnmisl_20x]
+    python -m scripts.benchmarks stain [--patients 60] [--splits 3] [--methods none,none+views,macenko] [--views 4]
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def cohort_overrides(name: str, patients: int) -> list[str]:
     return ["--demo_num_patients", str(patients), "--demo_slide_size", str(size), "--demo_options", json.dumps(params)]
 
 
+VIEWS = 4
+
+
+def views_of(arm: str, views: int | None = None) -> int:
+    """Stain views of an arm (``<method>`` or ``<method>+views``)."""
+    return (VIEWS if views is None else views) if arm.endswith("+views") else 0
+
+
 def summarise(by_method: dict[str, dict[int, dict]]) -> tuple[list[dict], dict[str, float]]:
     """Rows (model x method: combined AUC mean over seeds, its CIs) and the ratios against no normalisation."""
     rows, value = [], {}
@@ -36,10 +46,10 @@ def summarise(by_method: dict[str, dict[int, dict]]) -> tuple[list[dict], dict[s
             per = [reports[s]["models"][model] for s in seeds]
             auc = float(np.mean([m["combined"]["auc"] for m in per]))
             value[(model, method)] = auc
-            rows.append({"model": model, "stain_normalization": method, "auc_combined": auc,
+            rows.append({"model": model, "stain_normalization": method.split("+")[0], "stain_views": views_of(method), "auc_combined": auc,
                          "auc_mean_over_splits": float(np.mean([m["mean"]["auc"] for m in per])),
                          "ci95": " ".join(f"[{m['ci95']['auc']['low']:.3f}, {m['ci95']['auc']['high']:.3f}]" for m in per if "ci95" in m)})
-    rows.sort(key=lambda r: (r["model"], r["stain_normalization"]))
+    rows.sort(key=lambda r: (r["model"], r["stain_normalization"], r["stain_views"]))
     ratios = {}
     models = sorted({m for m, _ in value})
     for method in by_method:
@@ -59,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--patients", type=int, default=60)
     ap.add_argument("--splits", type=int, default=3)
     ap.add_argument("--seeds", default="0", help="comma-separated protocol seeds (--eval_seed)")
-    ap.add_argument("--methods", default="none,macenko,reinhard")
+    ap.add_argument("--methods", default="none,macenko,reinhard", help="arms: none | macenko | reinhard, each optionally +views")
+    ap.add_argument("--views", type=int, default=VIEWS, help="stain views of the +views arms (--stain_views)")
     ap.add_argument("--workers", type=int, default=1, help="eval_workers")
     ap.add_argument("--models", default="csmil_joint,dsmil,deepattnmisl_20x,deepattnmisl_10x,deepattnmisl_5x",
                     help="comma-separated, or 'default' (evaluate.yaml's eval_models)")
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     by_method = {}
     for method in args.methods.split(","):
-        stain = ["--stain_normalization", method] if method != "none" else []
+        norm, views = method.split("+")[0], views_of(method, args.views)
+        stain = (["--stain_normalization", norm] if norm != "none" else []) + (["--stain_views", str(views)] if views else [])
         by_method[method] = protocol_reports(work, [int(x) for x in args.seeds.split(",")], args.splits, args.workers, args.bootstrap,
                                              [*cohort_overrides(args.cohort, args.patients), *models, *stain], tag=f"{method}-")
     rows, ratios = summarise(by_method)

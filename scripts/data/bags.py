@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from scripts.cache import stable_hash
 from scripts.errors import BundleInputError
+from scripts.features.stain_views import StainViews, load_views
 from scripts.features.store import FeatureEntry
 
 
@@ -108,7 +109,9 @@ class BagDataset(Dataset):
     Items: ``{"image": [S, K*M, D], "mask": [K*M] bool, "label": target, "slide_index": int}`` (target:
     :func:`slide_target` of ``task``).
     Bags differ between epochs and are reproducible for a seed (the random stream is advanced by the
-    DataLoader order, which MONAI's ``set_determinism`` seeds).
+    DataLoader order, which MONAI's ``set_determinism`` seeds). With ``stain_views``
+    (:mod:`scripts.features.stain_views`) each bag takes its features from the slide's original features or one of
+    its V stain views, uniformly at random (held in RAM: V + 1 times the features).
     """
 
     def __init__(
@@ -121,8 +124,10 @@ class BagDataset(Dataset):
         seed: int = 0,
         task: str = "classification",
         balance_classes: bool = False,
+        stain_views: StainViews | None = None,
     ) -> None:
         self.cache = _SlideCache(entries, task)
+        self.views = [load_views(e, stain_views) for e in self.cache.entries] if stain_views is not None else None
         self.k, self.m, self.r = num_clusters, per_cluster, bags_per_slide
         self.index = balanced_index(self.cache.labels, bags_per_slide, seed) if balance_classes and task == "classification" else None
         self.replacement = replacement
@@ -134,8 +139,12 @@ class BagDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         si = i // self.r if self.index is None else int(self.index[i])
         idx, mask = sample_bag(self.cache.clusters[si], self.k, self.m, self.rng, self.replacement)
+        features = self.cache.features[si]
+        if self.views is not None:  # 0: the original features, v >= 1: stain view v
+            v = int(self.rng.integers(len(self.views[si]) + 1))
+            features = features if v == 0 else self.views[si][v - 1]
         return {
-            "image": gather_bag(self.cache.features[si], idx),
+            "image": gather_bag(features, idx),
             "mask": torch.from_numpy(mask),
             "label": self.cache.labels[si],
             "slide_index": si,

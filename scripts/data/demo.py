@@ -315,17 +315,16 @@ def site_stain(img: np.ndarray, site: int, params: DemoParams) -> np.ndarray:
     """``img`` (H x W x 3 uint8) as stained at ``site``: colour deconvolution with Ruifrok's H, E and DAB vectors,
     each concentration scaled by a site factor in ``1 ± stain_strength`` and shifted by up to ``stain_strength / 5``
     (tissue only: background stays white), recomposed. The factors are a pure function of the seed and the site."""
-    from scripts.features.stain import ruifrok_matrices
+    import torch
+
+    from scripts.features.stain import hed_jitter
 
     rng = np.random.default_rng([params.seed, 7919, site])
     alpha = rng.uniform(1 - params.stain_strength, 1 + params.stain_strength, 3)
     beta = rng.uniform(-params.stain_strength / 5, params.stain_strength / 5, 3)
-    rgb_from_hed, hed_from_rgb = ruifrok_matrices()
-    od = -np.log(np.clip(img.reshape(-1, 3).astype(np.float64) + 1.0, 1.0, 256.0) / 256.0)
-    hed = od @ hed_from_rgb
-    tissue = (od.sum(axis=1, keepdims=True) > 0.15).astype(np.float64)
-    out = np.exp(-((hed * alpha + beta * tissue) @ rgb_from_hed)) * 256.0 - 1.0
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(img.shape)
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0).to(torch.float64)
+    out = hed_jitter(x, torch.as_tensor(alpha)[None], torch.as_tensor(beta)[None], tissue_od=0.15)
+    return out[0].permute(1, 2, 0).numpy().astype(np.uint8)
 
 
 def generate_demo(dataset_dir: str | Path, params: DemoParams | None = None, progress: bool = True) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from scripts.cache import atomic_dir, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
+from scripts.cache import atomic_dir, atomic_save_npy, claim_holder, release_claim, remove_stale_temporaries, stable_hash, try_claim
 from scripts.data.ids import folder_name
 from scripts.data.manifest import SlideRecord
 from scripts.distributed import rank_world
@@ -36,6 +36,8 @@ from scripts.errors import BundleInputError, DiskFullError, find_input_error
 from scripts.features.device_preprocessing import attach, split_transform
 from scripts.features.encoders import encoder_signature
 from scripts.features.patch_loader import CellDealtPatches, loader_slide, patch_loader
+from scripts.features.stain import hed_jitter
+from scripts.features.stain_views import StainViews, views_path
 from scripts.features.store import FeatureEntry, is_complete
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def extract_cohort(
     stats: dict | None = None,
     on_error: str = "raise",
     output_dir: str | Path | None = None,
+    stain_views: StainViews | None = None,
 ) -> list[FeatureEntry]:
     """Encode every slide that has no store entry yet; return the entries of all slides, in order, each with its
     manifest record (entries are found by the slide's id, its tiles and the encoders' provenance; labels and
@@ -120,7 +123,9 @@ def extract_cohort(
     ``stats`` (optional dict) receives ``computed``: the slide ids encoded by this call. With
     ``on_error='skip'`` a slide failing with an input error (e.g. truncated) is left out and recorded in
     ``<output_dir>/failures.csv``; the entries of the other slides are returned. ``preprocessing`` (what the store
-    hashes about the patch transforms) defaults to :func:`transform_signature` of ``transform``.
+    hashes about the patch transforms) defaults to :func:`transform_signature` of ``transform``. With
+    ``stain_views`` every returned entry also gets its stain-augmented views (:mod:`scripts.features.stain_views`),
+    encoded for the entries that lack them.
     """
     from scripts.workflows.failures import check_policy
 
@@ -150,7 +155,31 @@ def extract_cohort(
             computed += _claim_and_extract(pending, run, on_error, output_dir)
     if stats is not None:
         stats["computed"] = computed
-    return [FeatureEntry(t, rec) for t, rec in zip(targets, records) if is_complete(t)]
+    entries = [FeatureEntry(t, rec) for t, rec in zip(targets, records) if is_complete(t)]
+    if stain_views is not None:
+        _extract_views(entries, {str(t): Path(d) for t, d in zip(targets, tiles_dirs)}, stain_views, encoders, transform, scale_keys,
+                       batch_size, num_workers, device, progress, on_error, output_dir, stats)
+    return entries
+
+
+def _extract_views(entries, tiles_of, spec, encoders, transform, scale_keys, batch_size, num_workers, device, progress, on_error,
+                   output_dir, stats) -> None:
+    """Encode the stain views (``spec``) of the ``entries`` that lack them (claimed per views file, as entries are)."""
+    pending = [(e.record, tiles_of[str(e.path)], views_path(e.path, spec), spec) for e in entries if not views_path(e.path, spec).is_file()]
+    done: list[str] = []
+    for job in pending:  # what a killed run left in the entry (its temporary file, its claim)
+        remove_stale_temporaries(job[2].parent)
+    if pending:
+        rank, world = rank_world()
+        mine = [pending[i] for i in balanced_shard([_num_patches(j[1]) for j in pending], world, rank)] if world > 1 else pending
+        logger.info("encoding %d stain views of %d / %d slides", spec.views, len(pending), len(entries))
+        run = lambda jobs: _extract(jobs, encoders, transform, scale_keys, batch_size, num_workers, device, progress and rank == 0,  # noqa: E731
+                                    views=spec)
+        done += _claim_and_extract(mine, run, on_error, output_dir, complete=Path.is_file)
+        if world > 1:
+            done += _claim_and_extract(pending, run, on_error, output_dir, complete=Path.is_file)
+    if stats is not None:
+        stats["views_computed"] = done
 
 
 
@@ -171,20 +200,21 @@ def balanced_shard(costs: Sequence[int], world: int, rank: int) -> list[int]:
 
 
 def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], on_error: str = "raise", output_dir=None,
-                       poll_s: float = 1.0) -> list[str]:
+                       poll_s: float = 1.0, complete: Callable[[Path], bool] = is_complete) -> list[str]:
     """Encode the ``jobs`` this process can claim; wait for those other live processes hold; repeat until every
-    job's entry is complete (or, with ``on_error='skip'``, failed). Returns the slide ids encoded here."""
+    job's target (a store entry, or a views file) is ``complete`` (or, with ``on_error='skip'``, failed). Returns
+    the slide ids encoded here."""
     from scripts.workflows.failures import record
 
     done: list[str] = []
     failed: set[str] = set()
-    todo = [j for j in jobs if not is_complete(j[2])]
+    todo = [j for j in jobs if not complete(j[2])]
     announced = False
     while todo:
         claimed = [j for j in todo if try_claim(j[2])]
         mine = []
         for j in claimed:
-            if is_complete(j[2]):  # finished by another process between the check and the claim
+            if complete(j[2]):  # finished by another process between the check and the claim
                 release_claim(j[2])
             else:
                 mine.append(j)
@@ -200,7 +230,7 @@ def _claim_and_extract(jobs: list, run: Callable[[list], list[str]], on_error: s
         finally:
             for j in mine:
                 release_claim(j[2])
-        todo = [j for j in todo if not is_complete(j[2]) and str(j[2]) not in failed]
+        todo = [j for j in todo if not complete(j[2]) and str(j[2]) not in failed]
         if todo and not mine:
             if not announced:
                 holders = {str(claim_holder(j[2])) for j in todo}
@@ -221,14 +251,19 @@ def _failed_job(exc: BaseException, jobs: list):
     return None
 
 
-def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress) -> list[str]:
+def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, device, progress, views: StainViews | None = None) -> list[str]:
     """Encode the slides of ``pending``: workers read whole cells as uint8 (:mod:`scripts.features.patch_loader`),
     the intensity preprocessing runs on ``device`` as the encoders' first layer
     (:mod:`scripts.features.device_preprocessing`); on CUDA the host batches are pinned, copies are asynchronous
-    and a batch's features come back while the next batch is encoded."""
+    and a batch's features come back while the next batch is encoded. With ``views`` the slides' stain views are
+    encoded instead (each batch re-stained once per view on the device) and written to their views files."""
     slides = [loader_slide(rec.path, tdir) for rec, tdir, _, _ in pending]
     counts = [len(s["coords"]) for s in slides]
     worker_transform, on_device = split_transform(transform)
+    if views is not None and on_device is None:
+        raise BundleInputError(None, "stain views need the patch preprocessing on the device (the reader's uint8 patches)",
+                               "keep ScaleIntensityRanged / NormalizeIntensityd last in 'preprocessing', or set stain_views to 0")
+    factors = [views.factors(rec.slide_id) for rec, _, _, _ in pending] if views is not None else None
     cuda = device.type == "cuda"
     loader = patch_loader(CellDealtPatches(slides, worker_transform, scale_keys, batch_size), num_workers, pin_memory=cuda)
     encoders = [e.to(device).eval().to(memory_format=torch.channels_last) for e in attach(encoders, on_device)]  # faster on CPU and GPU
@@ -236,19 +271,21 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     buffers: dict[int, np.ndarray] = {}
     filled = [0] * len(pending)
     done: list[str] = []
-    bar = tqdm(total=sum(counts), desc="extract patches", unit="patch", disable=not progress)
+    bar = tqdm(total=sum(counts), desc="extract patches" if views is None else f"extract {views.views} stain views", unit="patch",
+               disable=not progress)
+    write = _write_entry if views is None else _write_views
 
     def file_rows(features: torch.Tensor, ready: Any, slide_idx: np.ndarray, positions: np.ndarray) -> None:
         if ready is not None:
             ready.synchronize()  # the asynchronous copy of this batch's features has landed
-        f = features.numpy()  # [B, S, D] float32
+        f = features.numpy()  # [B, S, D] float32 ([B, V, S, D] for views)
         for si in np.unique(slide_idx):
             sel = slide_idx == si
-            buf = buffers.setdefault(int(si), np.empty((counts[si], len(encoders), f.shape[-1]), np.float16))
+            buf = buffers.setdefault(int(si), np.empty((counts[si], *f.shape[1:]), np.float16))
             buf[positions[sel]] = f[sel]
             filled[si] += int(sel.sum())
             if filled[si] == counts[si]:
-                _write_entry(pending[si], buffers.pop(int(si)))
+                write(pending[si], buffers.pop(int(si)))
                 release_claim(pending[si][2])  # waiters may go on at once
                 done.append(pending[si][0].slide_id)
         bar.update(len(slide_idx))
@@ -258,7 +295,11 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
         try:
             for batch in loader:
                 xs = [batch[key].to(device, non_blocking=True) for key in scale_keys]
-                feats = torch.stack([enc(x.contiguous(memory_format=torch.channels_last)).float() for enc, x in zip(encoders, xs)], dim=1)
+                if views is None:
+                    feats = _encode(encoders, xs)
+                else:  # [B, V, S, D]: every view re-stains the batch with its slide's factors for that view
+                    alpha, beta = (torch.stack([factors[int(i)][j] for i in batch["slide_index"]]).to(device) for j in (0, 1))
+                    feats = torch.stack([_encode(encoders, [hed_jitter(x, alpha[:, v], beta[:, v]) for x in xs]) for v in range(views.views)], dim=1)
                 rows = (batch["slide_index"].numpy(), batch["position"].numpy())
                 if in_flight is not None:
                     file_rows(*in_flight)
@@ -274,6 +315,20 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
                 file_rows(*in_flight)
     bar.close()
     return done
+
+
+def _encode(encoders, xs: list[torch.Tensor]) -> torch.Tensor:
+    """[B, S, D] float32 features of one batch's scales ``xs``."""
+    return torch.stack([enc(x.contiguous(memory_format=torch.channels_last)).float() for enc, x in zip(encoders, xs)], dim=1)
+
+
+def _write_views(job, views: np.ndarray) -> None:
+    """Atomically write a slide's stain views ([N, V, S, D] as gathered -> [V, N, S, D])."""
+    rec, _, target, _ = job
+    if not np.isfinite(views).all():
+        raise BundleInputError(rec.path, "encoder produced NaN/Inf features of a stain view", "check the encoder weights and stain_views_sigma / stain_views_bias")
+    atomic_save_npy(target, np.ascontiguousarray(views.transpose(1, 0, 2, 3)))
+    logger.info("encoded %d stain views of %s -> %s", views.shape[1], rec.slide_id, target.name)
 
 
 def _write_entry(job, features: np.ndarray) -> None:

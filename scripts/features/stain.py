@@ -263,18 +263,36 @@ def ruifrok_matrices() -> tuple[np.ndarray, np.ndarray]:
     return rgb_from_hed, np.linalg.inv(rgb_from_hed)
 
 
+def hed_jitter(pixels: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, tissue_od: float | None = None,
+               rounding: bool = True) -> torch.Tensor:
+    """Re-stained RGB batch (Tellez et al. 2018, "HED jitter"): ``pixels`` [B, 3, H, W] in [0, 255] are deconvolved
+    into H, E and DAB concentrations (Ruifrok's vectors, optical density ``-log((I + 1) / 256)``), each scaled by
+    ``alpha`` [B, 3] and shifted by ``beta`` [B, 3] (only where the optical density sums above ``tissue_od``, if
+    given: the white background of a slide stays white), and recomposed; rounded to integers (as a scanner writes
+    them) unless ``rounding=False``, clipped to [0, 255]. The arithmetic runs in float64 (autocast leaves it alone);
+    the result has ``pixels``' dtype. One implementation for SimSiam's augmentation, the stain views of MIL training
+    (:mod:`scripts.features.stain_views`) and the demo's staining sites."""
+    rgb_from_hed, hed_from_rgb = (torch.from_numpy(m).to(pixels.device) for m in ruifrok_matrices())
+    b, c, h, w = pixels.shape
+    od = optical_density(pixels.to(torch.float64), 256.0).reshape(b, c, h * w).transpose(1, 2)  # [B, P, 3]
+    shift = beta.to(od).unsqueeze(1)
+    if tissue_od is not None:
+        shift = shift * (od.sum(-1, keepdim=True) > tissue_od).to(od)
+    out = torch.exp(-(((od @ hed_from_rgb) * alpha.to(od).unsqueeze(1) + shift) @ rgb_from_hed)) * 256.0 - 1.0
+    out = torch.round(out) if rounding else out
+    return out.clamp(0.0, 255.0).transpose(1, 2).reshape(b, c, h, w).to(pixels.dtype)
+
+
 class RandHEStainJitterd(RandomizableTransform, MapTransform):
-    """Stain augmentation (Tellez et al. 2018, "HED jitter"): with probability ``prob``, the patch's H, E and DAB
-    concentrations (colour deconvolution with Ruifrok's vectors) are scaled by ``1 ± sigma`` and shifted by
-    ``± bias``, then recomposed. Float CHW RGB in [0, 1] (the SimSiam chain's range). Written here: MONAI has no
-    stain augmentation."""
+    """Stain augmentation for SimSiam (:func:`hed_jitter`): with probability ``prob``, the patch's H, E and DAB
+    concentrations are scaled by ``1 ± sigma`` and shifted by ``± bias``, then recomposed. Float CHW RGB in [0, 1]
+    (the SimSiam chain's range). Written here: MONAI has no stain augmentation."""
 
     def __init__(self, keys: KeysCollection, sigma: float = 0.05, bias: float = 0.05, prob: float = 0.8) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.sigma = float(sigma)
         self.bias = float(bias)
-        self._rgb_from_hed, self._hed_from_rgb = (torch.from_numpy(m) for m in ruifrok_matrices())
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -282,12 +300,9 @@ class RandHEStainJitterd(RandomizableTransform, MapTransform):
             self.randomize(None)
             if not self._do_transform:
                 continue
-            img = torch.as_tensor(d[key]).to(torch.float64)
-            c, h, w = img.shape
-            od = -torch.log(img.clamp(min=1e-6).reshape(3, -1).t())  # [N, 3]
-            hed = od @ self._hed_from_rgb
-            alpha = torch.as_tensor(self.R.uniform(1 - self.sigma, 1 + self.sigma, 3))
-            beta = torch.as_tensor(self.R.uniform(-self.bias, self.bias, 3))
-            rgb = torch.exp(-((hed * alpha + beta) @ self._rgb_from_hed)).clamp(0.0, 1.0)
-            d[key] = rgb.t().reshape(c, h, w).to(torch.as_tensor(d[key]).dtype)
+            img = torch.as_tensor(d[key])
+            alpha = torch.as_tensor(self.R.uniform(1 - self.sigma, 1 + self.sigma, (1, 3)))
+            beta = torch.as_tensor(self.R.uniform(-self.bias, self.bias, (1, 3)))
+            out = hed_jitter(img.to(torch.float64).unsqueeze(0) * 255.0, alpha, beta, rounding=False)[0] / 255.0
+            d[key] = out.to(img.dtype)
         return d
