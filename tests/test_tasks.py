@@ -189,6 +189,24 @@ def test_protocol_for_three_classes_and_for_survival(tmp_path):
 
     contract = read_file(run / "model.pt")
     assert contract["task"] == "survival" and len(contract["survival_cuts"]) == 2
+    # survival selects the epoch of the highest validation c-index, classification that of the lowest validation loss
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert summary["selection_metric"] == "val_cindex"
+    assert summary["best"]["val_cindex"] == max(h["val_cindex"] for h in summary["history"] if h.get("val_cindex") is not None)
+    mc = json.loads(next((tmp_path / "mc-out" / "evaluation" / "runs" / "dsmil").glob("split_0-*/training_summary.json")).read_text())
+    assert mc["selection_metric"] == "val_loss" and mc["best"]["val_loss"] == min(h["val_loss"] for h in mc["history"])
+
+
+def test_selection_metric_of_the_evaluator():
+    from scripts.workflows.engine import better, selection_metrics
+
+    metrics = {"val_loss": 1, "val_cindex": 2}
+    assert selection_metrics(metrics, "val_cindex", "survival") == ({"val_cindex": 2}, {"val_loss": 1})
+    assert better("val_loss")(0.5, 0.6) and not better("val_loss")(0.7, 0.6)
+    assert better("val_cindex")(0.7, 0.6) and not better("val_cindex")(0.5, 0.6)
+    with pytest.raises(BundleInputError, match="'val_auc' is not a validation metric of task 'survival'") as err:
+        selection_metrics(metrics, "val_auc", "survival")
+    assert "val_cindex" in err.value.fix
 
 
 def test_prediction_columns_per_task(tmp_path):

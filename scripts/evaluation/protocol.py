@@ -127,7 +127,7 @@ def run_one(
     seed: int, device: Any = "cpu",
 ) -> dict:
     """Train ``variant`` on one split (the raw training ``config``, its ``training`` run with ``seed``), reload its
-    lowest-validation-loss checkpoint and score the split's validation and test slides (cached in ``run_dir``)."""
+    best checkpoint (``selection_metric``: validation loss, c-index for survival) and score the split's validation and test slides (cached in ``run_dir``)."""
     done = run_dir / "predictions.json"
     if done.is_file():
         return json.loads(done.read_text())

@@ -6,7 +6,9 @@ Why this and not Cox: the Cox partial likelihood compares each event with everyo
 MIL batches are a few bags (4 here), so almost no pairs are comparable and the loss is noise, and under DDP each rank
 sees another risk set. The discrete-time likelihood is a sum over slides: every bag contributes on its own, the bag
 ensemble (mean of the bags' bin probabilities, :class:`scripts.workflows.engine.BagEnsembleInferer`) is again a
-distribution, and validation loss selects models as for classification.
+distribution. Model selection is on the validation concordance index (``selection_metric``
+in configs/train.yaml), the task's key metric: the likelihood also rewards calibration, and its minimum often falls
+in the first epochs, before the ranking is learnt (docs/evaluation.md "Beyond binary").
 
 Loss of a slide with time ``t`` in bin ``k``: ``-log p_k`` when the event was observed, ``-log sum_{j >= k} p_j``
 (event after the start of bin ``k``) when censored. Risk (higher = earlier event): ``1 - E[bin] / (C - 1)`` in

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
+from scripts.errors import BundleInputError
+
 
 class PrepareBagBatch:
     """``prepare_batch`` for MONAI engines: returns ``(image, label, (), {"mask": mask})``."""
@@ -66,3 +68,24 @@ def roc_auc_metric(output_transform=positive_probability):
     from ignite.metrics import EpochMetric
 
     return EpochMetric(_auc_or_nan, output_transform=output_transform, check_compute_fn=False)
+
+
+#: validation metrics where a lower value is better (the others: higher is better)
+LOWER_IS_BETTER = frozenset({"val_loss"})
+
+
+def selection_metrics(metrics: dict, selection_metric: str, task: str = "classification") -> tuple[dict, dict]:
+    """``(key_val_metric, additional_metrics)`` of the evaluator: ``selection_metric`` (the metric whose best epoch
+    becomes models/model.pt) and the task's other validation metrics; a metric the task does not compute stops with
+    one line listing those it does."""
+    if selection_metric not in metrics:
+        raise BundleInputError("--selection_metric", f"{selection_metric!r} is not a validation metric of task '{task}'",
+                               f"pass one of {sorted(metrics)}")
+    return {selection_metric: metrics[selection_metric]}, {k: v for k, v in metrics.items() if k != selection_metric}
+
+
+def better(selection_metric: str):
+    """The evaluator's ``metric_cmp_fn`` for ``selection_metric`` (lower loss, higher AUC / accuracy / c-index)."""
+    if selection_metric in LOWER_IS_BETTER:
+        return lambda current, prev: current < prev
+    return lambda current, prev: current > prev

@@ -17,16 +17,19 @@ logger = logging.getLogger("csmil.training")
 
 
 class ValidationSummary:
-    """Tracks the validation metrics of every epoch and, when training ends, logs and saves the epoch
-    with the lowest ``key`` (validation loss): ``<output>/training_summary.json``.
+    """Tracks the validation metrics of every epoch and, when training ends, logs and saves the best epoch by
+    ``key`` (the selection metric: the lowest validation loss, or the highest of a metric with
+    ``lower_is_better=False``, e.g. the survival c-index): ``<output>/training_summary.json``.
 
     Attach to the trainer with the evaluator given (``train#handlers`` in configs/train.yaml).
     """
 
-    def __init__(self, evaluator: Engine, output_file: str | Path, key: str = "val_loss", extra: dict | None = None) -> None:
+    def __init__(self, evaluator: Engine, output_file: str | Path, key: str = "val_loss", extra: dict | None = None,
+                 lower_is_better: bool = True) -> None:
         self.evaluator = evaluator
         self.output_file = Path(output_file)
         self.key = key
+        self.lower_is_better = bool(lower_is_better)
         self.history: list[dict[str, Any]] = []
         self.extra = extra or {}
 
@@ -48,11 +51,13 @@ class ValidationSummary:
 
     def best(self) -> dict[str, Any] | None:
         valid = [h for h in self.history if h.get(self.key) is not None]
-        return min(valid, key=lambda h: h[self.key]) if valid else None
+        if not valid:
+            return None
+        return min(valid, key=lambda h: h[self.key]) if self.lower_is_better else max(valid, key=lambda h: h[self.key])
 
     def _finish(self, trainer: Engine) -> None:
         best = self.best()
-        summary = {"best": best, "history": self.history, "epochs": int(trainer.state.epoch), **self.extra}
+        summary = {"best": best, "selection_metric": self.key, "history": self.history, "epochs": int(trainer.state.epoch), **self.extra}
         atomic_write_json(self.output_file, summary)
         if best is None:
             logger.warning("training finished without validation metrics")
@@ -61,12 +66,12 @@ class ValidationSummary:
             return "n/a" if v is None else f"{v:.4f}"
 
         if "val_cindex" in best:  # survival
-            logger.info("Validation c-index: %s  (best validation epoch %d: loss %.4f; summary: %s)", fmt(best["val_cindex"]),
-                        best["epoch"], best[self.key], self.output_file)
+            logger.info("Validation c-index: %s  (best validation epoch %d by %s: loss %s; summary: %s)", fmt(best["val_cindex"]),
+                        best["epoch"], self.key, fmt(best.get("val_loss")), self.output_file)
             return
         auc = best.get("val_auc")
         msg = (
-            f"best validation epoch {best['epoch']}: loss {best[self.key]:.4f}, "
+            f"best validation epoch {best['epoch']}{'' if self.key == 'val_loss' else ' by ' + self.key}: loss {fmt(best.get('val_loss'))}, "
             f"AUC {fmt(auc)}, accuracy {fmt(best.get('val_acc'))} (summary: {self.output_file})"
         )
         if auc is None:

@@ -41,6 +41,6 @@ def resize_area(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     fy, fx = image.shape[0] / hw[0], image.shape[1] / hw[1]
     if fy == fx and fy == int(fy) and image.shape[0] % hw[0] == 0 and image.shape[1] % hw[1] == 0:
         return block_mean(image, int(fy))
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()  # a read-only read is copied (torch warns otherwise)
     out = F.interpolate(t, size=hw, mode="area")[0].permute(1, 2, 0)
     return out.round().clamp(0, 255).to(torch.uint8).numpy()
