@@ -27,21 +27,23 @@ from scripts.features.encoders import feature_dim
 logger = logging.getLogger(__name__)
 
 
-def plan_rows(records, tiles_dirs, num_scales: int, dim: int) -> list[dict]:
-    """One row per slide: patches (= per scale, co-centred) and feature-store bytes."""
+def plan_rows(records, tiles_dirs, num_scales: int, dim: int, stain_views: int = 0) -> list[dict]:
+    """One row per slide: patches (= per scale, co-centred) and feature-store bytes (with ``stain_views`` stain
+    views of MIL training, :mod:`scripts.features.stain_views`, each as large as the features)."""
     rows = []
     for rec, tdir in zip(records, tiles_dirs):
         n = int(np.load(Path(tdir) / "coords.npy", mmap_mode="r").shape[0])
         rows.append({"slide_id": rec.slide_id, "patches_per_scale": n, "patches_all_scales": n * num_scales,
-                     "store_bytes": n * num_scales * dim * 2 + n * 16 + 4096})
+                     "store_bytes": (1 + stain_views) * n * num_scales * dim * 2 + n * 16 + 4096})
     return rows
 
 
-def summarise(rows: list[dict], patches_per_s: float, gpus: int, extrapolate: int = 10_000) -> dict:
-    """Totals, the per-10,000-slide extrapolation and the estimated extraction wall time."""
+def summarise(rows: list[dict], patches_per_s: float, gpus: int, extrapolate: int = 10_000, stain_views: int = 0) -> dict:
+    """Totals, the per-10,000-slide extrapolation and the estimated extraction wall time (every stain view is one
+    more encoder pass over the slide)."""
     n = sum(r["patches_per_scale"] for r in rows)
     size = sum(r["store_bytes"] for r in rows)
-    seconds = n / (patches_per_s * gpus) if rows else 0.0
+    seconds = (1 + stain_views) * n / (patches_per_s * gpus) if rows else 0.0
     per_slide = size / max(len(rows), 1)
     return {"slides": len(rows), "patches_per_scale": n, "store_gb": size / 1e9, "store_gb_per_10k_slides": per_slide * extrapolate / 1e9,
             "hours": seconds / 3600, "gpus": gpus, "patches_per_s_per_gpu": patches_per_s}
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patches_per_s", type=float, default=None, help="multi-scale patch positions per second of one device "
                     "(default: probe the encoder on --device)")
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--stain_views", type=int, default=0, help="stain views of MIL training per slide (configs/train.yaml stain_views)")
     ap.add_argument("--csv", default=None, help="write the per-slide table here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -104,19 +107,19 @@ def main(argv: list[str] | None = None) -> int:
                  "demo_if_missing": False, "progress": True, "scales_mpp": eval(args.scales_mpp, {}), "mpp": args.mpp}  # noqa: S307
     prepared = pipeline_parser(overrides).get_parsed_content("prepare")
     scales = overrides["scales_mpp"]
-    rows = plan_rows(prepared["records"], prepared["tiles"], len(scales), feature_dim(args.encoder_arch))
+    rows = plan_rows(prepared["records"], prepared["tiles"], len(scales), feature_dim(args.encoder_arch), args.stain_views)
     rate_source = "given"
     if args.patches_per_s is None:
         args.patches_per_s = probe_rate(args.encoder_arch, len(scales), args.device)
         rate_source = f"probed on {args.device}, encoders only"
-    s = summarise(rows, args.patches_per_s, args.gpus)
+    s = summarise(rows, args.patches_per_s, args.gpus, stain_views=args.stain_views)
     out = sys.stdout
     out.write(f"{'slide_id':<32} {'patches/scale':>14} {'store MB':>10}\n")
     for r in rows:
         out.write(f"{r['slide_id']:<32} {r['patches_per_scale']:>14d} {r['store_bytes'] / 1e6:>10.1f}\n")
     out.write(
         f"total: {s['slides']} slides, {s['patches_per_scale']} patches per scale x {len(scales)} scales "
-        f"({args.encoder_arch}, D={feature_dim(args.encoder_arch)}), feature store {s['store_gb']:.2f} GB "
+        f"({args.encoder_arch}, D={feature_dim(args.encoder_arch)}{f', {args.stain_views} stain views' if args.stain_views else ''}), feature store {s['store_gb']:.2f} GB "
         f"({s['store_gb_per_10k_slides']:.0f} GB per 10,000 such slides); extraction about {s['hours']:.2f} h on "
         f"{args.gpus} GPU(s) at {args.patches_per_s:.4g} patches/s each ({rate_source})\n"
     )

@@ -208,6 +208,10 @@ def test_planner_counts_patches_and_storage(reference, tmp_path, capsys):
     total = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{n} patches per scale x 3 scales" in total
     assert f"about {n / 20 / 3600:.2f} h on 2 GPU(s) at 10 patches/s each (given)" in total
+    assert main(["--manifest", str(data / "manifest.csv"), "--cache_dir", str(tmp_path / "c"), "--encoder_arch", "tiny", "--gpus", "2",
+                 "--patches_per_s", "10", "--stain_views", "3", "--csv", str(out_csv)]) == 0
+    assert int(sum(int(x["store_bytes"]) for x in csv.DictReader(out_csv.open()))) == 4 * n * 3 * 128 * 2 + n * 16 + 6 * 4096
+    assert f"about {4 * n / 20 / 3600:.2f} h on 2 GPU(s)" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 def test_planner_names_a_missing_manifest(tmp_path):
