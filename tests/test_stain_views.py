@@ -153,3 +153,31 @@ def test_training_config_wires_views_into_extraction_and_training_bags():
     assert on.get_parsed_content("stain_views_spec") == StainViews(4, 0.1, 0.05, 3)
     assert on["train"]["dataset"]["stain_views"] == "@stain_views_spec"
     assert "stain_views=@stain_views_spec" in on["features"]
+
+
+def test_stain_benchmark_rows_pair_each_arm_with_its_base():
+    from scripts.benchmarks.stain import summarise, views_of
+    from scripts.evaluation.stats import delong_test
+
+    rng = np.random.default_rng(0)
+    labels = {f"s{i}": i % 2 for i in range(40)}
+
+    def report(noise: float) -> dict:
+        preds = {k: float(np.clip(y * 0.6 + 0.2 + rng.normal(0, noise), 0, 1)) for k, y in labels.items()}
+        return {"models": {"dsmil": {"predictions": preds, "combined": {"auc": 0.7}, "mean": {"auc": 0.7},
+                                     "ci95": {"auc": {"low": 0.6, "high": 0.8}}}}}
+
+    arms = {"none": {0: report(0.5)}, "none+views": {0: report(0.3)}, "macenko": {0: report(0.2)}, "macenko+views": {0: report(0.1)}}
+    rows, ratios = summarise(arms, labels)
+    by = {(r["stain_normalization"], r["stain_views"]): r for r in rows}
+    assert views_of("macenko+views") == 4 and views_of("macenko+views", 2) == 2 and views_of("reinhard") == 0
+    assert set(by) == {("none", 0), ("none", 4), ("macenko", 0), ("macenko", 4)} and by[("none", 0)]["p_vs_base"] == ""
+
+    def p(a: str, b: str) -> str:
+        pa, pb = arms[a][0]["models"]["dsmil"]["predictions"], arms[b][0]["models"]["dsmil"]["predictions"]
+        ids = sorted(labels)
+        return f"{delong_test([labels[i] for i in ids], [pa[i] for i in ids], [pb[i] for i in ids])['p']:.3f}"
+
+    assert by[("macenko", 4)]["p_vs_base"] == p("macenko", "macenko+views")  # views against the same normalisation
+    assert by[("none", 4)]["p_vs_base"] == p("none", "none+views") and by[("macenko", 0)]["p_vs_base"] == p("none", "macenko")
+    assert ratios["macenko+views_vs_none_mean"] == 1.0

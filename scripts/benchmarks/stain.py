@@ -3,9 +3,10 @@ at three sites (``scripts.data.demo.STAIN_COHORTS``: each site its own H&E stain
 without normalisation and with each method (``--stain_normalization macenko | reinhard``), each optionally with
 the stain views of MIL training (an arm ``<method>+views``: ``--stain_views --views``), on the same cohort and splits.
 
-Key metric per model and arm: the combined (pooled out-of-fold) AUC. Baseline measured in the same run: no
-normalisation, no views (the arm ``none``). Ratios: ``<arm>_vs_none`` for the reference model (csmil_joint) and the
-mean over models.
+Key metric per model and arm: the combined (pooled out-of-fold) AUC, with the paired DeLong p-value against the arm's
+base (``<method>+views`` against ``<method>``, a method against ``none``; same test slides). Baseline measured in the
+same run: no normalisation, no views (the arm ``none``). Ratios: ``<arm>_vs_none`` for the reference model
+(csmil_joint) and the mean over models.
 
     python -m scripts.benchmarks stain [--patients 60] [--splits 3] [--methods none,none+views,macenko] [--views 4]
 """
@@ -37,18 +38,36 @@ def views_of(arm: str, views: int | None = None) -> int:
     return (VIEWS if views is None else views) if arm.endswith("+views") else 0
 
 
-def summarise(by_method: dict[str, dict[int, dict]]) -> tuple[list[dict], dict[str, float]]:
-    """Rows (model x method: combined AUC mean over seeds, its CIs) and the ratios against no normalisation."""
+def paired_p(reports: dict[int, dict], base: dict[int, dict] | None, model: str, labels: dict[str, int] | None) -> str:
+    """DeLong p-value of an arm against its ``base`` arm on the same test slides, per seed ("" without labels)."""
+    from scripts.evaluation.stats import delong_test
+
+    if base is None or not labels:
+        return ""
+    out = []
+    for seed in sorted(reports):
+        a, b = base[seed]["models"][model]["predictions"], reports[seed]["models"][model]["predictions"]
+        ids = sorted(set(a) & set(b))
+        out.append(f"{delong_test([labels[i] for i in ids], [a[i] for i in ids], [b[i] for i in ids])['p']:.3f}")
+    return " ".join(out)
+
+
+def summarise(by_method: dict[str, dict[int, dict]], labels: dict[str, int] | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Rows (model x arm: combined AUC mean over seeds, its CIs, the paired DeLong p against the arm's base when the
+    slides' ``labels`` are given: ``<method>+views`` against ``<method>``, a method against ``none``) and the ratios
+    against no normalisation."""
     rows, value = [], {}
     for method, reports in by_method.items():
         seeds = sorted(reports)
+        base = by_method.get(method.split("+")[0] if method.endswith("+views") else "none") if method != "none" else None
         for model in reports[seeds[0]]["models"]:
             per = [reports[s]["models"][model] for s in seeds]
             auc = float(np.mean([m["combined"]["auc"] for m in per]))
             value[(model, method)] = auc
             rows.append({"model": model, "stain_normalization": method.split("+")[0], "stain_views": views_of(method), "auc_combined": auc,
                          "auc_mean_over_splits": float(np.mean([m["mean"]["auc"] for m in per])),
-                         "ci95": " ".join(f"[{m['ci95']['auc']['low']:.3f}, {m['ci95']['auc']['high']:.3f}]" for m in per if "ci95" in m)})
+                         "ci95": " ".join(f"[{m['ci95']['auc']['low']:.3f}, {m['ci95']['auc']['high']:.3f}]" for m in per if "ci95" in m),
+                         "p_vs_base": paired_p(reports, base, model, labels)})
     rows.sort(key=lambda r: (r["model"], r["stain_normalization"], r["stain_views"]))
     ratios = {}
     models = sorted({m for m, _ in value})
@@ -87,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         stain = (["--stain_normalization", norm] if norm != "none" else []) + (["--stain_views", str(views)] if views else [])
         by_method[method] = protocol_reports(work, [int(x) for x in args.seeds.split(",")], args.splits, args.workers, args.bootstrap,
                                              [*cohort_overrides(args.cohort, args.patients), *models, *stain], tag=f"{method}-")
-    rows, ratios = summarise(by_method)
+    import csv
+
+    with open(work / "data" / "manifest.csv", newline="") as f:
+        labels = {r["slide_id"]: int(r["label"]) for r in csv.DictReader(f)}
+    rows, ratios = summarise(by_method, labels)
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {args.seeds}, methods {args.methods}, "
           f"{(time.perf_counter() - t) / 60:.1f} min")
     report("stain", rows, ratios, args.json)
