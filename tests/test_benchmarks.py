@@ -34,3 +34,18 @@ def test_fusion_benchmark_averages_protocol_seeds_and_ranks_models(capsys):
     assert lines[1].split()[:2] == ["model", "auc_combined"] and "loc_5x" in lines[1]
     assert lines[-2].split()[0] == "deepattnmisl_20x" and lines[-2].rstrip().endswith("-")
     assert lines[-1].startswith("ratios: joint_vs_concat=0.938")
+
+
+def test_protocol_benchmarks_pass_a_reference_among_the_models(tmp_path):
+    """A benchmark of one new model needs no csmil_joint run: the reference is csmil_joint only when it is evaluated
+    (run evaluate refuses a reference outside eval_models)."""
+    from scripts.benchmarks.common import protocol_command
+    from scripts.benchmarks.fusion import reference_model
+
+    assert reference_model(["dsmil", "csmil_joint"]) == "csmil_joint"
+    assert reference_model(["monai_att_concat"]) == "monai_att_concat"
+    assert reference_model(["monai_att_concat", "dsmil"], "dsmil") == "dsmil"
+    cmd = protocol_command(tmp_path, 2, 5, 1, 100, ["--eval_models", '["monai_att_concat"]'], tag="x-", reference="monai_att_concat")
+    assert cmd[cmd.index("--eval_reference") + 1] == "monai_att_concat"
+    assert cmd[cmd.index("--output_dir") + 1] == str(tmp_path / "out-x-seed2") and cmd[cmd.index("--eval_seed") + 1] == "2"
+    assert cmd[-2:] == ["--eval_models", '["monai_att_concat"]']

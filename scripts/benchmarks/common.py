@@ -55,23 +55,31 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bootstrap: int, overrides: list[str],
-                     tag: str = "") -> dict[int, dict]:
-    """``run evaluate`` (train.yaml + evaluate.yaml, reference csmil_joint) on the cohort in ``work`` once per protocol
-    seed, with ``overrides`` (cohort, task, models); returns each seed's ``report.json`` (outputs in
-    ``out-<tag>seed<seed>``; the cohort and the caches are shared by every tag)."""
-    import subprocess
+def protocol_command(work: Path, seed: int, splits: int, workers: int, bootstrap: int, overrides: list[str], tag: str = "",
+                     reference: str = "csmil_joint") -> list[str]:
+    """The ``run evaluate`` command line of one protocol seed (outputs in ``<work>/out-<tag>seed<seed>``)."""
     import sys
+
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
+            "--dataset_dir", str(work / "data"), "--output_dir", str(work / f"out-{tag}seed{seed}"), "--cache_dir", str(work / "cache"),
+            "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(splits), "--eval_workers", str(workers),
+            "--eval_reference", reference, "--eval_bootstrap_resamples", str(bootstrap), *overrides]
+
+
+def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bootstrap: int, overrides: list[str],
+                     tag: str = "", reference: str = "csmil_joint") -> dict[int, dict]:
+    """``run evaluate`` (train.yaml + evaluate.yaml; ``reference``: the model the others are compared with, one of the
+    evaluated models) on the cohort in ``work`` once per protocol seed, with ``overrides`` (cohort, task, models);
+    returns each seed's ``report.json`` (outputs in ``out-<tag>seed<seed>``; the cohort and the caches are shared by
+    every tag)."""
+    import subprocess
 
     root = Path(__file__).resolve().parents[2]
     t = time.perf_counter()
     reports = {}
     for seed in seeds:
         out = work / f"out-{tag}seed{seed}"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
-               "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--cache_dir", str(work / "cache"),
-               "--progress", "False", "--eval_seed", str(seed), "--eval_num_splits", str(splits), "--eval_workers", str(workers),
-               "--eval_reference", "csmil_joint", "--eval_bootstrap_resamples", str(bootstrap), *overrides]
+        cmd = protocol_command(work, seed, splits, workers, bootstrap, overrides, tag, reference)
         r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(r.stderr[-3000:])

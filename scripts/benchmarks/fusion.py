@@ -64,6 +64,13 @@ def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
     return rows, ratios
 
 
+def reference_model(models: list[str], reference: str = "auto") -> str:
+    """``eval_reference`` of the run: ``reference``, or (``auto``) csmil_joint when it is among ``models``, else the first."""
+    if reference != "auto":
+        return reference
+    return "csmil_joint" if "csmil_joint" in models else models[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks fusion", description=__doc__)
     ap.add_argument("--cohort", default="clean", choices=sorted(COLOCATION_COHORTS))
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="all", help="comma-separated, or 'all' (eval_models, eval_transformer_models and the fusion ablations)")
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the report")
     ap.add_argument("--workdir", default="outputs/bench-fusion", help="cohort, features and runs (reused when present)")
+    ap.add_argument("--reference", default="auto", help="the model the report compares the others with (eval_reference); "
+                    "auto: csmil_joint when it is run, else the first of --models, so one new model's cells cost that model alone")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
@@ -85,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         raw = yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text())
         models = list(raw["eval_models"]) + list(raw["eval_transformer_models"]) + list(ABLATIONS)
     t = time.perf_counter()
+    reference = reference_model(models, args.reference)
     reports = protocol_reports(work, seeds, args.splits, args.workers, args.bootstrap,
-                               [*cohort_overrides(args.cohort, args.patients), "--eval_models", json.dumps(models)])
+                               [*cohort_overrides(args.cohort, args.patients), "--eval_models", json.dumps(models)], reference=reference)
     rows, ratios = summarise(reports)
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {seeds}, "
           f"{(time.perf_counter() - t) / 60:.1f} min; combined AUC = mean over seeds (per_seed lists them)")
