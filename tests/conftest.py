@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,19 @@ SCHEMA = TEST_DATA / "meta_schema_20240725.json"
 LONGEST_FIRST = ("test_fusion_colocation.py", "test_zoo_workflows.py", "test_cohort_scale.py", "test_config_layer.py")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores for torch's threads, and the bundle commands it
+    starts inherit that share (OMP_NUM_THREADS, unless set already): two workers on two cores, each with two OpenMP
+    threads and subprocesses of two more, would oversubscribe the CPU. The outputs do not depend on it (the golden
+    demo features and model are the same with one thread or two)."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 0))
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a module is kept
@@ -36,6 +50,21 @@ def pytest_sessionfinish(session, exitstatus):
     """A run that collected no test must fail, not pass silently (pytest exit 5)."""
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside the block: a protocol run in the test's own process then computes what each of
+    ``eval_workers = 2``'s spawned workers computes (one thread each, bit for bit), without their two interpreters'
+    imports and without a third busy process beside pytest-xdist's two workers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:
@@ -132,15 +161,9 @@ def tiny_demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     """A CS-MIL model trained for 2 epochs on the tiny demo cohort (tiny encoder, 128-d features):
-    ``<root>/models/model.pt``, the cohort in ``<root>/demo``, outputs in ``<root>/out``."""
-    import subprocess
-
+    ``<root>/models/model.pt``, the cohort in ``<root>/demo``, outputs in ``<root>/out``. ``run training`` in this
+    process (the command line is under test elsewhere; a new interpreter would add ~8 s of imports per xdist worker)."""
     root = tmp_path_factory.mktemp("trained")
-    r = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml", "--dataset_dir",
-         str(root / "demo"), "--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models"), "--demo_num_patients",
-         str(TINY_DEMO.num_patients), "--demo_slide_size", str(TINY_DEMO.size), "--max_epochs", "2", "--val_fraction", "0.5",
-         "--progress", "False"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bundle("train.yaml", "training", dataset_dir=str(root / "demo"), output_dir=str(root / "out"), ckpt_dir=str(root / "models"),
+               demo_num_patients=TINY_DEMO.num_patients, demo_slide_size=TINY_DEMO.size, max_epochs=2, val_fraction=0.5)
     return root

@@ -14,7 +14,7 @@ import json
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from conftest import ROOT
+from conftest import ROOT, one_thread
 from scripts.benchmarks.fusion import COLOCATION_COHORTS, SINGLE_SCALE
 
 pytestmark = pytest.mark.slow
@@ -28,10 +28,11 @@ def test_joint_fusion_matches_concatenation_and_beats_single_scales_on_a_colocat
     size = cohort.pop("size")
     w = ConfigWorkflow(config_file=[str(ROOT / "configs" / "train.yaml"), str(ROOT / "configs" / "evaluate.yaml")], workflow_type="train",
                        bundle_root=str(ROOT), dataset_dir=str(tmp_path / "strong2"), output_dir=str(out), progress=False,
-                       eval_num_splits=5, eval_bootstrap_resamples=200, eval_workers=2, eval_reference="csmil_joint",
+                       eval_num_splits=5, eval_bootstrap_resamples=200, eval_workers=1, eval_reference="csmil_joint",
                        demo_num_patients=40, demo_slide_size=size, demo_options=cohort, eval_models=list(MODELS))
-    w.initialize()
-    w.run()
+    with one_thread():  # the runs of eval_workers = 2 (one thread each), in this process: no spawned interpreters
+        w.initialize()
+        w.run()
     rep = json.loads((out / "report" / "report.json").read_text())
     assert set(rep["models"]) == set(MODELS)
     auc = {n: rep["models"][n]["combined"]["auc"] for n in MODELS}

@@ -252,7 +252,9 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
     n = params.size
     px = 1.0 / params.mpp  # pixels per micron
     shape = (n, n)
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    # pixel coordinates as a row and a column (broadcast where used: the same values as full grids, without them)
+    xx = np.arange(n, dtype=np.float32)[None, :]
+    yy = np.arange(n, dtype=np.float32)[:, None]
     # tissue: a blobby ellipse covering most of the slide (a rounder square when a 3x3 or larger grid of
     # structures must fit inside it)
     g = int(np.ceil(np.sqrt(params.num_structures)))
@@ -263,7 +265,7 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
     tissue = field < 1.0
     img = np.broadcast_to(BACKGROUND, (n, n, 3)).copy()
     shade = _smooth_noise(rng, shape, 80 * px)[..., None]
-    img[tissue] = (STROMA + 14 * shade)[tissue]
+    np.copyto(img, STROMA + 14 * shade, where=tissue[..., None])
     nuclei = _dots(rng, shape, 1 / 900, 3.0 * px / 2) & tissue
     img[nuclei] = NUCLEUS + rng.normal(0, 6, (int(nuclei.sum()), 3)).astype(np.float32)
 
@@ -281,7 +283,7 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
         x0, y0 = max(int(sx) - half, 0), max(int(sy) - half, 0)
         x1, y1 = min(int(sx) + half + 1, n), min(int(sy) + half + 1, n)
         win = img[y0:y1, x0:x1]
-        dx, dy = xx[y0:y1, x0:x1] - sx, yy[y0:y1, x0:x1] - sy
+        dx, dy = xx[:, x0:x1] - sx, yy[y0:y1] - sy
         r = np.hypot(dx, dy)
         disc = np.clip(tex_r - r + 1, 0, 1)[..., None]  # anti-aliased disc
         if "T" in kind or "S" in kind:
@@ -298,7 +300,9 @@ def render_slide(label: int, params: DemoParams, rng: np.random.Generator) -> tu
         if kind in ("R+T", "Q+T"):
             lesion[y0:y1, x0:x1] |= r <= tex_r
         structures.append({"kind": kind, "centre_xy": [float(sx), float(sy)]})
-    img += 3 * rng.standard_normal(img.shape, dtype=np.float32)
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= 3  # in place: the values of 3 * noise without a second full-slide temporary
+    img += noise
     img = np.clip(img, 0, 255).astype(np.uint8)
     return img, lesion, structures
 
