@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,36 @@ def test_deploy_app_takes_a_missing_mpp_from_the_environment(deploy_repo, tcga_s
     assert rows[0]["slide_id"] == "TCGA-CR-7395-01A-01-TS1" and int(rows[0]["num_patches"]) > 0
     tiles_meta = json.loads(next((tmp_path / "out" / "cache" / "tiles").glob("*/meta.json")).read_text())
     assert tiles_meta["mpp"] == 0.5 and tiles_meta["mpp_source"] == "override"
+
+
+def _as_survival(models: Path, out: Path) -> Path:
+    """A copy of the trained demo checkpoint whose contract says survival with 2 time bins (its 2 logits become the
+    hazards of the bins): the app's survival path on real weights and encoders without a second training run."""
+    from scripts.checkpoint.contract import CONTRACT_KEY
+
+    out.mkdir(parents=True)
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    meta = next(m for m in state._metadata.values() if isinstance(m, dict) and CONTRACT_KEY in m)
+    meta[CONTRACT_KEY] = {**meta[CONTRACT_KEY], "task": "survival", "survival_bins": 2, "survival_cuts": [30.0]}
+    torch.save(state, out / "model.pt")
+    return out
+
+
+@pytest.mark.slow
+def test_deploy_app_writes_the_risk_of_a_survival_model(trained, cmu_svs, tmp_path):
+    """A survival checkpoint exports with its task, and the app writes the same ``risk`` (no probability or label
+    column) and the maps that the bundle's inference writes."""
+    models = _as_survival(trained / "models", tmp_path / "models")
+    run_bundle("deploy.yaml", "export", ckpt_dir=str(models))
+    repo = models / "deploy"
+    assert DeployModels(repo).settings["task"] == "survival" and DeployModels(repo).settings["class_names"] == []
+    r = run("deploy", "-i", str(cmu_svs), "-o", str(tmp_path / "app"), "-m", str(repo), "-w", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CMU-1-Small-Region: risk " in r.stdout + r.stderr
+    run_bundle("inference.yaml", input=str(cmu_svs), output_dir=str(tmp_path / "ref"), ckpt_dir=str(models), cache_dir=str(tmp_path / "work"))
+    app_rows = list(csv.DictReader(open(tmp_path / "app" / "predictions.csv")))
+    ref_rows = list(csv.DictReader(open(tmp_path / "ref" / "predictions.csv")))
+    assert "risk" in app_rows[0] and not {"probability", "label"} & set(app_rows[0])
+    assert app_rows[0]["risk"] == ref_rows[0]["risk"] and 0.0 < float(app_rows[0]["risk"]) < 1.0
+    for name in ("attention_20x.tif", "attention_5x.png", "attention.geojson"):
+        assert (tmp_path / "app" / "CMU-1-Small-Region" / name).stat().st_size > 0, name
