@@ -472,6 +472,14 @@ def test_inference_refuses_other_encoders_before_encoding(tmp_path):
     assert raw["initialize"][2] == "$@network"  # checked in initialize: before any slide is tiled or encoded
 
 
+def test_multi_gpu_training_wraps_the_single_process_network():
+    """multi_gpu_train.yaml wraps train.yaml's own network (its contract, with a survival model's time-bin edges) in
+    DistributedDataParallel instead of repeating the expression (a copy had lost the survival cuts)."""
+    train, ddp = _raw(ROOT / "configs" / "train.yaml"), _raw(ROOT / "configs" / "multi_gpu_train.yaml")
+    assert train["network"] == "@mil_network" and "survival_cuts" in train["mil_network"]
+    assert ddp["network"].startswith("$torch.nn.parallel.DistributedDataParallel(@mil_network,") and "attach(" not in ddp["network"]
+
+
 @pytest.mark.slow
 def test_inference_and_export_take_the_checkpoints_settings_and_old_checkpoints_upgrade(trained, tmp_path, caplog):
     """A model trained with other settings than the defaults: inference and export need no override, a
