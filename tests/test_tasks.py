@@ -287,3 +287,19 @@ def test_survival_cohort_times_shorten_with_the_lesion_burden():
 
     med = [np.median([survival_outcome(b, np.random.default_rng([0, p]))[0] for p in range(200)]) for b in range(3)]
     assert med[0] > med[1] > med[2]
+
+
+def test_survival_models_get_dropout_and_classification_keeps_each_models_default():
+    """``mil_dropout``: 0.25 in every model for survival (train.yaml), null for classification, where build_model keeps
+    each model's published default (the binary models and their golden outputs are unchanged)."""
+    from scripts.workflows.pipeline_config import pipeline_parser
+
+    def drops(net):
+        return sorted({m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)})
+
+    for name in ("csmil_joint", "dsmil", "deepattnmisl_20x"):
+        survival = pipeline_parser({"task": "survival", "mil_model": name}).get_parsed_content("network_def")
+        assert drops(survival) == [0.25], name
+        classification = pipeline_parser({"mil_model": name}).get_parsed_content("network_def")
+        assert repr(classification) == repr(build_model(name, in_features=classification.in_features, num_classes=2))
+    assert drops(build_model("dsmil", 128, dropout=None)) == [0.0] and drops(build_model("deepattnmisl_20x", 128, dropout=None)) == [0.5]

@@ -58,8 +58,10 @@ FIELD_HEADS: tuple[str, ...] = tuple(n for n, (cls, _) in MODELS.items() if cls 
 
 
 def build_model(name: str, in_features: int, num_scales: int = 3, num_clusters: int = 8, **overrides) -> nn.Module:
-    """One of :data:`MODELS` by name."""
+    """One of :data:`MODELS` by name; an override given as None (e.g. ``dropout`` from ``mil_dropout: null``) keeps the
+    model's own default."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     cls, kw = MODELS[name]
-    return cls(in_features=in_features, num_scales=num_scales, num_clusters=num_clusters, **{**kw, **overrides})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return cls(in_features=in_features, num_scales=num_scales, num_clusters=num_clusters, **{**kw, **given})
