@@ -93,7 +93,7 @@ RULES: dict[str, Rule] = {
     "bag_per_cluster": _int("bag slots per cluster"),
     "bag_replacement": Rule("bool", "draw bag slots with replacement"),
     "mil_model": Rule("model", "the MIL model trained (scripts/mil/registry.py MODELS)"),
-    "mil_dropout": Rule("fraction", "dropout inside the MIL model (null = the model's default; survival: 0.25)", 0.0, 1.0, null=True),
+    "mil_dropout": Rule("fraction", "dropout inside the MIL model (null = the model's default; survival with csmil_joint: 0.25)", 0.0, 1.0, null=True),
     "task": Rule("choice", "what the model predicts: the classes of label_map, or time to event", choices=("classification", "survival")),
     "ordinal": Rule("bool", "the classes are ordered grades (adds quadratic weighted kappa)"),
     "survival_bins": _int("discrete time bins of a survival model", 2, 50),
