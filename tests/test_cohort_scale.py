@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_bundle, ROOT, TINY_DEMO, free_port
+from conftest import run_bundle, ROOT, TINY_DEMO
 from scripts.features.extraction import balanced_shard
 
 ENCODED = re.compile(r"encoded (\S+) \(")
@@ -29,8 +29,7 @@ def _args(data: Path, cache: Path) -> list[str]:
 def _extract_cmd(data: Path, cache: Path, torchrun: bool = False, log_dir: Path | None = None) -> list[str]:
     if not torchrun:
         return [sys.executable, "-m", "monai.bundle", "run", "extract", "--config_file", "configs/train.yaml", *_args(data, cache)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), "--log_dir", str(log_dir), "--redirects", "3"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log_dir", str(log_dir), "--redirects", "3"]
     return [*launcher, "-m", "monai.bundle", "run", "extract", "--config_file",
             "['configs/train.yaml','configs/multi_gpu_extract.yaml']", *_args(data, cache)]
 
@@ -165,8 +164,7 @@ def test_two_independent_processes_share_one_store(reference, tmp_path):
 def test_ddp_simsiam_pretraining_two_ranks(reference, tmp_path):
     data, _ = reference
     cache, logs = tmp_path / "cache", tmp_path / "logs"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), "--log_dir", str(logs), "--redirects", "3"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log_dir", str(logs), "--redirects", "3"]
     cmd = [*launcher, "-m", "monai.bundle", "run", "pretrain", "--config_file", "['configs/train.yaml','configs/multi_gpu_pretrain.yaml']",
            *_args(data, cache), "--pretrain_epochs", "2", "--pretrain_scales_mpp", "[2.0]", "--pretrain_max_patches_per_slide", "8",
            "--pretrain_batch_size", "8"]

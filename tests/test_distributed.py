@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_bundle, ROOT, TINY_DEMO, default_network, free_port
+from conftest import run_bundle, ROOT, TINY_DEMO, default_network
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,9 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
     # earlier stages once, in one process (ranks would otherwise race to build the same caches)
     run_bundle("train.yaml", "cluster", dataset_dir=str(data), output_dir=str(out), demo_num_patients=TINY_DEMO.num_patients,
                demo_slide_size=TINY_DEMO.size)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
+    # --standalone: torchrun binds its own free rendezvous port (no window between choosing a port and binding it, in
+    # which a test on the other xdist worker could take it)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     r = subprocess.run([*torchrun, "-m", "monai.bundle", "run", "training", "--config_file",
                         "['configs/train.yaml','configs/multi_gpu_train.yaml']", *common, "--ckpt_dir", str(models),
                         "--max_epochs", "2", "--val_fraction", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
