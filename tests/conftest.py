@@ -67,15 +67,6 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def free_port() -> int:
-    """A free TCP port on localhost (torchrun rendezvous in tests)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_bundle(config: str | list[str], run_id: str = "run", **overrides):
     """A bundle command in this process, as ``python -m monai.bundle run <run_id> --config_file <config> --<id> <value>``
     runs it (MONAI's ConfigWorkflow: initialize, run, finalize) without the ~8 s of imports of a new process; use a
