@@ -26,13 +26,14 @@ POLICIES = ("raise", "skip")
 @dataclass(frozen=True)
 class Rule:
     """``kind``: int | float | bool | choice | mpp | mpp_list | path | fraction; ``low``/``high`` bound numbers
-    (``open_low`` makes the lower bound exclusive); ``null`` allows None; ``doc`` says what the id is."""
+    (``open_low`` / ``open_high`` make a bound exclusive); ``null`` allows None; ``doc`` says what the id is."""
 
     kind: str
     doc: str
     low: float | None = None
     high: float | None = None
     open_low: bool = False
+    open_high: bool = False
     null: bool = False
     choices: tuple = ()
 
@@ -93,7 +94,8 @@ RULES: dict[str, Rule] = {
     "bag_per_cluster": _int("bag slots per cluster"),
     "bag_replacement": Rule("bool", "draw bag slots with replacement"),
     "mil_model": Rule("model", "the MIL model trained (scripts/mil/registry.py MODELS)"),
-    "mil_dropout": Rule("fraction", "dropout inside the MIL model (null = the model's default; survival with csmil_joint: 0.25)", 0.0, 1.0, null=True),
+    "mil_dropout": Rule("fraction", "dropout inside the MIL model (null = the model's default; survival with csmil_joint: 0.25)", 0.0, 1.0, null=True,
+                        open_high=True),  # dropout 1 zeroes every input
     "task": Rule("choice", "what the model predicts: the classes of label_map, or time to event", choices=("classification", "survival")),
     "ordinal": Rule("bool", "the classes are ordered grades (adds quadratic weighted kappa)"),
     "survival_bins": _int("discrete time bins of a survival model", 2, 50),
@@ -144,18 +146,19 @@ def _number(key: str, value: Any, rule: Rule, integer: bool) -> float:
     if not math.isfinite(v):
         raise _fail(key, value, "a finite number" + _range_text(rule))
     low_bad = rule.low is not None and (v <= rule.low if rule.open_low else v < rule.low)
-    if low_bad or (rule.high is not None and v > rule.high):
+    high_bad = rule.high is not None and (v >= rule.high if rule.open_high else v > rule.high)
+    if low_bad or high_bad:
         raise _fail(key, value, ("an integer" if integer else "a number") + _range_text(rule))
     return v
 
 
 def _range_text(rule: Rule) -> str:
     if rule.low is not None and rule.high is not None:
-        return f" in {'(' if rule.open_low else '['}{rule.low:g}, {rule.high:g}]"
+        return f" in {'(' if rule.open_low else '['}{rule.low:g}, {rule.high:g}{')' if rule.open_high else ']'}"
     if rule.low is not None:
         return f" {'>' if rule.open_low else '>='} {rule.low:g}"
     if rule.high is not None:
-        return f" <= {rule.high:g}"
+        return f" {'<' if rule.open_high else '<='} {rule.high:g}"
     return ""
 
 

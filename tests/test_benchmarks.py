@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from scripts.benchmarks.common import report
@@ -49,3 +50,49 @@ def test_protocol_benchmarks_pass_a_reference_among_the_models(tmp_path):
     assert cmd[cmd.index("--eval_reference") + 1] == "monai_att_concat"
     assert cmd[cmd.index("--output_dir") + 1] == str(tmp_path / "out-x-seed2") and cmd[cmd.index("--eval_seed") + 1] == "2"
     assert cmd[-2:] == ["--eval_models", '["monai_att_concat"]']
+
+
+def test_burden_concordance_tells_counting_from_presence(tmp_path):
+    """The survival benchmark's analysis: a model scoring the burden equals the count oracle; one scoring only
+    presence ties burdens 1 and 2 (c-index 0.5 on that pair) and equals the presence oracle; inputs are read from the
+    protocol's run folders, and two runs of one split are refused."""
+    import json
+
+    from scripts.benchmarks.tasks import burden_concordance, read_burden_inputs
+
+    rng = np.random.default_rng(0)
+    slides = {}
+    for p in range(60):
+        b = p % 3
+        t = float(60 * 0.5 ** b * np.exp(0.35 * rng.standard_normal()))
+        slides[f"p{p}-s0"] = {"patient_id": f"p{p}", "burden": b, "time": t, "event": int(p % 5 != 0)}
+    risks = {"counts": {s: v["burden"] + 0.0 for s, v in slides.items()},
+             "presence": {s: float(v["burden"] > 0) for s, v in slides.items()}}
+    rows = {r["model"]: r for r in burden_concordance(slides, risks)}
+    assert set(rows) == {"oracle_count", "oracle_presence", "counts", "presence"}
+    for key in ("c_index", "c_index_0v1", "c_index_0v2", "c_index_1v2"):
+        assert rows["counts"][key] == rows["oracle_count"][key]
+        assert rows["presence"][key] == rows["oracle_presence"][key]
+    assert rows["presence"]["c_index_1v2"] == 0.5 and rows["counts"]["c_index_1v2"] > 0.6
+    assert rows["presence"]["c_index"] < rows["counts"]["c_index"]
+    assert rows["counts"]["patients"] == 60
+
+    work = tmp_path / "survival-60"
+    (work / "data").mkdir(parents=True)
+    lines = ["slide_id,patient_id,path,label,mpp,time,event"] + [
+        f"{s},{v['patient_id']},slides/{s}.tif,{v['burden']},,{v['time']},{v['event']}" for s, v in slides.items()]
+    (work / "data" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    ids = sorted(slides)
+    for i, part in enumerate((ids[:30], ids[30:])):
+        run = work / "out-seed0" / "runs" / "counts" / f"split_{i}-abc"
+        run.mkdir(parents=True)
+        (run / "predictions.json").write_text(json.dumps({"test": {s: risks["counts"][s] for s in part}}))
+    read_slides, read_risks = read_burden_inputs(work, 0)
+    assert read_risks == {"counts": risks["counts"]}
+    assert read_slides["p4-s0"]["time"] == pytest.approx(slides["p4-s0"]["time"])
+    assert read_slides["p4-s0"]["burden"] == 1 and read_slides["p5-s0"]["event"] == 0
+    stale = work / "out-seed0" / "runs" / "counts" / "split_1-old"
+    stale.mkdir()
+    (stale / "predictions.json").write_text("{}")
+    with pytest.raises(SystemExit, match="more than one run of a split"):
+        read_burden_inputs(work, 0)

@@ -288,7 +288,7 @@ def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
                        ({"learning_rate": 0}, "> 0"), ({"max_epochs": 2.5}, "integer"), ({"min_tissue": 2}, "[0, 1]"),
                        ({"on_error": "ignore"}, "raise"), ({"device": "tpu"}, "cpu, cuda"), ({"scales_mpp": []}, "non-empty"),
                        ({"scales_mpp": [0.5, 1.0], "pretrain_scales_mpp": [2.0]}, "subset"), ({"mpp": True}, "number"),
-                       ({"eval_seed": -1}, "--eval_seed: -1 is not allowed")]:
+                       ({"eval_seed": -1}, "--eval_seed: -1 is not allowed"), ({"mil_dropout": 1.0}, "[0, 1)")]:
         with pytest.raises(BundleInputError, match=re.escape(words)):
             validate(bad)
     p = _parser([PIPELINE_CONFIG, EVALUATE_CONFIG], {"output_dir": str(tmp_path / "out"), "eval_num_splits": 1})

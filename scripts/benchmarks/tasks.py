@@ -10,6 +10,8 @@ in the same run: the best single-scale model (``deepattnmisl_20x/10x/5x``, which
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
 import time
 from pathlib import Path
@@ -61,6 +63,53 @@ def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
     return rows, ratios
 
 
+def burden_concordance(slides: dict[str, dict], risks: dict[str, dict[str, float]]) -> list[dict]:
+    """Can a model count lesions, or only see that there is one? Harrell's c-index of each model's pooled
+    out-of-fold risk (``risks``: model -> slide id -> risk; the patient's risk is the mean of its slides') on all
+    patients and on the patients of each pair of lesion burdens (``slides``: slide id -> ``patient_id``, ``burden``,
+    ``time``, ``event``: the survival demo's manifest, whose label column is the burden), beside two oracles: the
+    true burden (``oracle_count``) and only whether there is a lesion (``oracle_presence``, which ties burdens 1 and 2).
+    A model that sees presence but cannot count sits near ``oracle_presence``, at 0.5 on the pair (1, 2)."""
+    from scripts.tasks.survival import concordance
+
+    patients: dict[str, dict] = {}
+    for sid, s in slides.items():
+        patients.setdefault(s["patient_id"], {"burden": int(s["burden"]), "time": float(s["time"]), "event": int(s["event"]), "slides": []})
+        patients[s["patient_id"]]["slides"].append(sid)
+    burdens = sorted({p["burden"] for p in patients.values()})
+    scores = {"oracle_count": {k: float(p["burden"]) for k, p in patients.items()},
+              "oracle_presence": {k: float(p["burden"] > 0) for k, p in patients.items()}}
+    for name, by_slide in risks.items():
+        scores[name] = {k: float(np.mean([by_slide[s] for s in p["slides"]])) for k, p in patients.items()
+                        if all(s in by_slide for s in p["slides"])}
+    rows = []
+    for name, score in scores.items():
+        row = {"model": name, "patients": len(score)}
+        for pair in [None, *itertools.combinations(burdens, 2)]:
+            ids = [k for k in score if pair is None or patients[k]["burden"] in pair]
+            key = "c_index" if pair is None else f"c_index_{pair[0]}v{pair[1]}"
+            row[key] = concordance([patients[k]["time"] for k in ids], [patients[k]["event"] for k in ids], [score[k] for k in ids])
+        rows.append(row)
+    return rows
+
+
+def read_burden_inputs(work: Path, seed: int) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+    """The inputs of :func:`burden_concordance` from a ``tasks`` run of the survival cohort in ``work``: the demo's
+    manifest and each model's test risks of protocol seed ``seed`` (``runs/<model>/split_<i>-<key>/predictions.json``;
+    more than one run of a split, left by another configuration, is refused rather than guessed)."""
+    with (work / "data" / "manifest.csv").open() as f:
+        slides = {r["slide_id"]: {"patient_id": r["patient_id"], "burden": int(r["label"]), "time": float(r["time"]),
+                                  "event": int(r["event"])} for r in csv.DictReader(f)}
+    risks: dict[str, dict[str, float]] = {}
+    for model_dir in sorted((work / f"out-seed{seed}" / "runs").iterdir()):
+        files = sorted(f for f in model_dir.glob("split_*/predictions.json") if not f.parent.name.endswith(".partial"))
+        splits = [f.parent.name.split("-")[0] for f in files]
+        if len(set(splits)) != len(splits):
+            raise SystemExit(f"{model_dir}: more than one run of a split; remove the stale ones")
+        risks[model_dir.name] = {sid: float(v) for f in files for sid, v in json.loads(f.read_text())["test"].items()}
+    return slides, risks
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks tasks", description=__doc__)
     ap.add_argument("--cohort", default="multiclass3", choices=sorted(TASK_COHORTS))
@@ -81,4 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     rows, ratios = summarise(reports)
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {sorted(reports)}, "
           f"{(time.perf_counter() - t) / 60:.1f} min")
+    if TASK_COHORTS[args.cohort].get("survival"):  # can the models count the lesions? (docs/evaluation.md)
+        for seed in sorted(reports):
+            burden = burden_concordance(*read_burden_inputs(work, seed))
+            print(f"seed {seed}: c-index on all patients and within pairs of lesion burdens")
+            for r in burden:
+                print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     report("tasks", rows, ratios, args.json)
