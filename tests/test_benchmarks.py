@@ -84,14 +84,14 @@ def test_burden_concordance_tells_counting_from_presence(tmp_path):
     (work / "data" / "manifest.csv").write_text("\n".join(lines) + "\n")
     ids = sorted(slides)
     for i, part in enumerate((ids[:30], ids[30:])):
-        run = work / "out-seed0" / "runs" / "counts" / f"split_{i}-abc"
+        run = work / "out-seed0" / "evaluation" / "runs" / "counts" / f"split_{i}-abc"
         run.mkdir(parents=True)
         (run / "predictions.json").write_text(json.dumps({"test": {s: risks["counts"][s] for s in part}}))
     read_slides, read_risks = read_burden_inputs(work, 0)
     assert read_risks == {"counts": risks["counts"]}
     assert read_slides["p4-s0"]["time"] == pytest.approx(slides["p4-s0"]["time"])
     assert read_slides["p4-s0"]["burden"] == 1 and read_slides["p5-s0"]["event"] == 0
-    stale = work / "out-seed0" / "runs" / "counts" / "split_1-old"
+    stale = work / "out-seed0" / "evaluation" / "runs" / "counts" / "split_1-old"
     stale.mkdir()
     (stale / "predictions.json").write_text("{}")
     with pytest.raises(SystemExit, match="more than one run of a split"):

@@ -95,13 +95,13 @@ def burden_concordance(slides: dict[str, dict], risks: dict[str, dict[str, float
 
 def read_burden_inputs(work: Path, seed: int) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
     """The inputs of :func:`burden_concordance` from a ``tasks`` run of the survival cohort in ``work``: the demo's
-    manifest and each model's test risks of protocol seed ``seed`` (``runs/<model>/split_<i>-<key>/predictions.json``;
+    manifest and each model's test risks of protocol seed ``seed`` (``evaluation/runs/<model>/split_<i>-<key>/predictions.json``;
     more than one run of a split, left by another configuration, is refused rather than guessed)."""
     with (work / "data" / "manifest.csv").open() as f:
         slides = {r["slide_id"]: {"patient_id": r["patient_id"], "burden": int(r["label"]), "time": float(r["time"]),
                                   "event": int(r["event"])} for r in csv.DictReader(f)}
     risks: dict[str, dict[str, float]] = {}
-    for model_dir in sorted((work / f"out-seed{seed}" / "runs").iterdir()):
+    for model_dir in sorted((work / f"out-seed{seed}" / "evaluation" / "runs").iterdir()):
         files = sorted(f for f in model_dir.glob("split_*/predictions.json") if not f.parent.name.endswith(".partial"))
         splits = [f.parent.name.split("-")[0] for f in files]
         if len(set(splits)) != len(splits):
