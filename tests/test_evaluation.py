@@ -103,6 +103,12 @@ def test_protocol_writes_report_files_and_consistent_numbers(evaluated):
     assert 0 < rep["comparisons"]["deepattnmisl_5x"]["delong"]["p"] <= 1
     md = (out / "report" / "report.md").read_text()
     assert "## Table 1" in md and "## Table 2" in md and "## Table 4: ablation" in md and "![roc.png](roc.png)" in md
+    # the report names how checkpoints were chosen and the software whose versions decide its numbers
+    import torch
+
+    assert rep["protocol"]["selection_metric"] == "val_loss" and "chosen by the lowest validation loss" in md
+    assert rep["protocol"]["environment"]["torch"] == torch.__version__ and f"torch {torch.__version__}" in md
+    assert {"numpy", "scikit-learn", "imagecodecs", "libopenslide"} <= set(rep["protocol"]["environment"])
     # every run kept its checkpoint, training summary and predictions; nothing partial left behind
     runs = sorted((out / "evaluation" / "runs").glob("*/*"))
     assert len(runs) == 6 and not [r for r in runs if r.name.endswith(".partial")]

@@ -172,7 +172,7 @@ def test_protocol_for_three_classes_and_for_survival(tmp_path):
     assert rep["protocol"]["classes"] == ["a", "b", "c"] and len(m["predictions"]) == 12
     assert all(len(v) == 3 and abs(sum(v) - 1) < 1e-4 for v in m["predictions"].values())
     assert 0 <= m["combined"]["macro_auc"] <= 1 and "quadratic_kappa" in m["combined"] and "deepattnmisl_20x" in rep["comparisons"]
-    assert "macro AUC" in files["md"].read_text()
+    assert "macro AUC" in files["md"].read_text() and "chosen by the lowest validation loss" in files["md"].read_text()
 
     times = [(float(5 + 3 * i), int(i % 3 != 2)) for i in range(18)]
     files = workflow.evaluate(training_config({"max_epochs": 2, "task": "survival", "survival_bins": 3, "val_fraction": 0.5}),
@@ -183,7 +183,9 @@ def test_protocol_for_three_classes_and_for_survival(tmp_path):
     c = rep["models"]["dsmil"]["combined"]
     assert rep["protocol"]["task"] == "survival" and 0 <= c["c_index"] <= 1 and c["events"] == 12
     assert all(0 <= r <= 1 for r in rep["models"]["dsmil"]["predictions"].values())
-    assert (files["json"].parent / "km.png").is_file() and "c-index" in files["md"].read_text()
+    md = files["md"].read_text()
+    assert (files["json"].parent / "km.png").is_file() and "c-index" in md
+    assert rep["protocol"]["selection_metric"] == "val_cindex" and "chosen by the highest validation concordance index" in md
     run = next((tmp_path / "sv-out" / "evaluation" / "runs" / "dsmil").glob("split_0-*"))
     from scripts.checkpoint.contract import read_file
 

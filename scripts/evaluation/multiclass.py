@@ -11,7 +11,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix
 
 from scripts.evaluation import stats
-from scripts.evaluation.report import against_reference, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
+from scripts.evaluation.report import (against_reference, bootstrap_table, envelope, environment_lines, localisation_table, mean_localisation,
+                                       pooled_scores, selection_text)
 
 
 def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -114,9 +115,9 @@ def render_multiclass(report: dict) -> str:
     kappa_col = p.get("ordinal")
     lines = ["# CS-MIL evaluation report: " + f"{len(classes)} classes ({', '.join(classes)})", "",
              f"Protocol: {p['num_splits']} patient-level splits stratified by class ({p['mode'].replace('_', ' ')}); every model trained "
-             "with the same splits and hyper-parameters, its checkpoint chosen by validation loss. 'mean ± sd' is over splits; "
+             f"with the same splits and hyper-parameters, {selection_text(p)}. 'mean ± sd' is over splits; "
              f"'combined' pools the test predictions, with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s for "
-             "the 95% CIs. AUC is one-vs-rest; macro = the mean over classes.", "",
+             "the 95% CIs. AUC is one-vs-rest; macro = the mean over classes.", "", *environment_lines(p),
              "## Models", "",
              "| model | macro AUC (mean ± sd) | macro AUC, combined [95% CI] | balanced accuracy, combined [95% CI] | accuracy | "
              + ("quadratic kappa [95% CI] | " if kappa_col else "") + " | ".join(f"AUC {c}" for c in classes) + " |",

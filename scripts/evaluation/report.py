@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
@@ -214,6 +214,25 @@ def _model_table(report: dict, names: Sequence[str]) -> list[str]:
     return rows
 
 
+SELECTION_TEXT = {"val_loss": "the lowest validation loss", "val_cindex": "the highest validation concordance index",
+                  "val_auc": "the highest validation AUC", "val_acc": "the highest validation accuracy"}
+
+
+def selection_text(protocol: Mapping[str, Any], default: str = "val_loss") -> str:
+    """How each run's checkpoint was chosen, in words (``protocol["selection_metric"]``; reports written before 0.22
+    carry none: the task's default)."""
+    key = protocol.get("selection_metric") or default
+    return f"its checkpoint chosen by {SELECTION_TEXT.get(key, key)}"
+
+
+def environment_lines(protocol: Mapping[str, Any]) -> list[str]:
+    """The report's software line (``protocol["environment"]``, :func:`scripts.environment.environment`)."""
+    env = protocol.get("environment")
+    if not env:
+        return []
+    return ["Software (results are bit-identical only with the same versions): " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+
+
 def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png", "calibration.png")) -> str:
     """The report as Markdown: protocol, Tables 1-4, thresholds and calibration, figures."""
     p = report["protocol"]
@@ -222,9 +241,9 @@ def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png",
     lines = [
         "# CS-MIL evaluation report", "",
         f"Protocol: {p['num_splits']} patient-level splits ({p['mode'].replace('_', ' ')}); every model trained with the same splits "
-        f"and hyper-parameters, its checkpoint chosen by validation loss, test slides scored with {p.get('test_bags', 'R')} random bags. "
+        f"and hyper-parameters, {selection_text(p)}, test slides scored with {p.get('test_bags', 'R')} random bags. "
         f"'mean ± sd' is over splits; 'combined' is the {combined_what}, with {p['bootstrap_resamples']} bootstrap resamples "
-        f"of {p['bootstrap_unit']}s (seed {p['seed']}) for the 95% CIs.", "",
+        f"of {p['bootstrap_unit']}s (seed {p['seed']}) for the 95% CIs.", "", *environment_lines(p),
     ]
     t1 = [n for n in TABLE1 if n in names] + [n for n in names if n not in TABLE1 and n not in TABLE3 and n not in FIELD and "[" not in n]
     if t1:

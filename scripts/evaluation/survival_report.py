@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scripts.evaluation.report import against_reference, bootstrap_table, envelope, localisation_table, mean_localisation, pooled_scores
+from scripts.evaluation.report import (against_reference, bootstrap_table, envelope, environment_lines, localisation_table, mean_localisation,
+                                       pooled_scores, selection_text)
 from scripts.evaluation.stats import _resample_indices, paired_summary
 from scripts.tasks.survival import concordance
 
@@ -93,10 +94,10 @@ def render_survival(report: dict) -> str:
     p = report["protocol"]
     lines = ["# CS-MIL evaluation report: survival", "",
              f"Protocol: {p['num_splits']} patient-level splits stratified by event ({p['mode'].replace('_', ' ')}); every model trained "
-             "with the same splits and hyper-parameters (discrete-time likelihood), its checkpoint chosen by validation loss. "
+             f"with the same splits and hyper-parameters (discrete-time likelihood), {selection_text(p, 'val_cindex')}. "
              "c-index: Harrell's concordance of the predicted risk (lifelines); 'mean ± sd' over splits, 'combined' on the pooled test "
              f"predictions with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s. Risk groups: the combined "
-             "predictions split at their median; log-rank test of the two Kaplan-Meier curves.", "",
+             "predictions split at their median; log-rank test of the two Kaplan-Meier curves.", "", *environment_lines(p),
              "## Models", "",
              "| model | c-index (mean ± sd) | c-index, combined [95% CI] | median time, low / high risk | log-rank p |", "|---|---|---|---|---|"]
     for n, m in report["models"].items():

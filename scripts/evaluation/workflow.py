@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from scripts.config_values import as_bool
+from scripts.environment import environment
 from scripts.evaluation.protocol import make_variants, run_protocol
 from scripts.evaluation.report import build_report, write_report
 from scripts.features.store import FeatureEntry
@@ -18,6 +19,16 @@ logger = logging.getLogger(__name__)
 def manifest_test_flags(entries: Sequence[FeatureEntry]) -> list[bool]:
     """True for entries whose manifest row has ``split == test``."""
     return [(e.split or "").lower() == "test" for e in entries]
+
+
+def _selection_metric(config: Mapping[str, Any]) -> str | None:
+    """The training config's ``selection_metric`` (what chose each run's checkpoint), for the report's text."""
+    from monai.bundle import ConfigParser
+
+    try:
+        return str(ConfigParser(dict(config)).get_parsed_content("selection_metric"))
+    except Exception:  # noqa: BLE001 - a config without the id (or one that needs more to resolve it): say nothing
+        return None
 
 
 def evaluate(
@@ -54,7 +65,8 @@ def evaluate(
         manifest_test_flags(entries), test_bags, device, progress, verbose, workers, task,
     )
     protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction, "workers": workers,
-                "train_overrides": {k: str(v) for k, v in (train_overrides or {}).items()}}
+                "train_overrides": {k: str(v) for k, v in (train_overrides or {}).items()},
+                "selection_metric": _selection_metric(config), "environment": environment()}
     if task == "survival":
         from scripts.evaluation.survival_report import build_survival_report
 
