@@ -165,13 +165,14 @@ def test_external_test_set_is_scored_by_the_ensemble_of_split_models(tmp_path, m
 
 def test_protocol_numbers_unchanged_by_the_config_layer(evaluated):
     """The protocol's predictions on the synthetic cohort equal those of 0.11.0 (before one parse per command and
-    the unified bag ensemble): tests/data/golden_evaluation.json."""
+    the unified bag ensemble; to float32 rounding): tests/data/golden_evaluation.json."""
     _, _, files = evaluated
     rep = json.loads(files["json"].read_text())
     golden = json.loads((ROOT / "tests" / "data" / "golden_evaluation.json").read_text())
     assert set(rep["models"]) == set(golden)
     for model, g in golden.items():
-        assert rep["models"][model]["predictions"] == pytest.approx(g["predictions"], abs=1e-9), model
+        # float32 kernels round differently on other CPUs / library builds (up to 6e-8 seen): not a change of the protocol
+        assert rep["models"][model]["predictions"] == pytest.approx(g["predictions"], abs=1e-6), model
         assert rep["models"][model]["mean"]["auc"] == pytest.approx(g["mean_auc"], abs=1e-12), model
 
 

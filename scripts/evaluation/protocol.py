@@ -150,6 +150,7 @@ def run_one(
     result = {
         "variant": variant.name,
         "best": summary.get("best"),
+        "selection_metric": summary.get("selection_metric"),
         **{
             part: {e.slide_id: slide_score(network, e, task, n_out, k, m, test_bags, replacement, seed, device) for e in split[part]}
             for part in ("val", "test")

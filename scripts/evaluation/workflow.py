@@ -21,14 +21,11 @@ def manifest_test_flags(entries: Sequence[FeatureEntry]) -> list[bool]:
     return [(e.split or "").lower() == "test" for e in entries]
 
 
-def _selection_metric(config: Mapping[str, Any]) -> str | None:
-    """The training config's ``selection_metric`` (what chose each run's checkpoint), for the report's text."""
-    from monai.bundle import ConfigParser
-
-    try:
-        return str(ConfigParser(dict(config)).get_parsed_content("selection_metric"))
-    except Exception:  # noqa: BLE001 - a config without the id (or one that needs more to resolve it): say nothing
-        return None
+def _selection_metric(result: Mapping[str, Any]) -> str | None:
+    """The ``selection_metric`` that chose the runs' checkpoints (their training summaries; None for runs cached by a
+    version before 0.22.0), for the report's text."""
+    used = {r.get("selection_metric") for runs in result["runs"].values() for r in runs} - {None}
+    return ", ".join(sorted(used)) or None
 
 
 def evaluate(
@@ -66,7 +63,7 @@ def evaluate(
     )
     protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction, "workers": workers,
                 "train_overrides": {k: str(v) for k, v in (train_overrides or {}).items()},
-                "selection_metric": _selection_metric(config), "environment": environment()}
+                "selection_metric": _selection_metric(result), "environment": environment()}
     if task == "survival":
         from scripts.evaluation.survival_report import build_survival_report
 
