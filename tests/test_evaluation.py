@@ -108,7 +108,7 @@ def test_protocol_writes_report_files_and_consistent_numbers(evaluated):
 
     assert rep["protocol"]["selection_metric"] == "val_loss" and "chosen by the lowest validation loss" in md
     assert rep["protocol"]["environment"]["torch"] == torch.__version__ and f"torch {torch.__version__}" in md
-    assert {"numpy", "scikit-learn", "imagecodecs", "libopenslide"} <= set(rep["protocol"]["environment"])
+    assert {"numpy", "scikit-learn", "imagecodecs", "libopenslide", "cpu_capability"} <= set(rep["protocol"]["environment"])
     # every run kept its checkpoint, training summary and predictions; nothing partial left behind
     runs = sorted((out / "evaluation" / "runs").glob("*/*"))
     assert len(runs) == 6 and not [r for r in runs if r.name.endswith(".partial")]
