@@ -106,6 +106,7 @@ RULES: dict[str, Rule] = {
     "val_num_bags": _int("fixed validation bags per slide"),
     "max_epochs": _int("training epochs"),
     "val_interval": _int("epochs between validations"),
+    "log_every_iterations": _int("iterations between training-loss points in TensorBoard"),
     "selection_metric": Rule("choice", "validation metric whose best epoch is models/model.pt", choices=("val_loss", "val_auc", "val_acc", "val_cindex")),
     "batch_size": _int("bags per training batch"),
     "learning_rate": _pos("Adam learning rate"),

@@ -156,5 +156,6 @@ def trained(tmp_path_factory) -> Path:
     process (the command line is under test elsewhere; a new interpreter would add ~8 s of imports per xdist worker)."""
     root = tmp_path_factory.mktemp("trained")
     run_bundle("train.yaml", "training", dataset_dir=str(root / "demo"), output_dir=str(root / "out"), ckpt_dir=str(root / "models"),
-               demo_num_patients=TINY_DEMO.num_patients, demo_slide_size=TINY_DEMO.size, max_epochs=2, val_fraction=0.5)
+               demo_num_patients=TINY_DEMO.num_patients, demo_slide_size=TINY_DEMO.size, max_epochs=2, val_fraction=0.5,
+               log_every_iterations=3)  # 2 epochs of 2 iterations: a TensorBoard point at iteration 3 only
     return root

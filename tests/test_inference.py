@@ -118,3 +118,21 @@ def test_map_footprint_is_the_tiled_patch_size(tmp_path, patch_size):
     ring = json.loads((tmp_path / "out" / "s" / "attention.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
     xs = [p[0] for p in ring]
     assert max(xs) - min(xs) == pytest.approx(patch_size * 0.5 / 0.25)  # finest patch (0.5 µm/px) in level-0 px (0.25)
+
+
+def test_tensorboard_logs_the_loss_every_n_iterations_and_validation_every_epoch(trained):
+    """``log_every_iterations`` (3 in the fixture: 2 epochs of 2 iterations) thins the per-iteration loss
+    (``train_loss_iteration``, stepped by iteration); the epoch means (``train_loss``, ``val_*``) are stepped by epoch,
+    each in a tag of its own (one tag holding both put iteration and epoch steps on one axis)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((trained / "out" / "logs").glob("events.out.tfevents.*"))
+    steps: dict[str, list[int]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    assert sorted(steps["train_loss_iteration"]) == [3], steps
+    assert sorted(steps["train_loss"]) == [1, 2], steps
+    assert sorted(steps["val_loss"]) == [1, 2] and sorted(steps["val_auc"]) == [1, 2], steps
