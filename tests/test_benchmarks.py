@@ -96,3 +96,34 @@ def test_burden_concordance_tells_counting_from_presence(tmp_path):
     (stale / "predictions.json").write_text("{}")
     with pytest.raises(SystemExit, match="more than one run of a split"):
         read_burden_inputs(work, 0)
+
+
+def test_lesion_coverage_reads_the_tiling_cache_and_its_effect_is_a_rank_correlation(tmp_path):
+    """The survival benchmark's grid analysis: the best 20x patch's share of a lesion, from the tiling cache's centres
+    (level 0, 0.5 µm/px) and the mask (8 µm/px); only the cache entries of the asked grid spacing are read."""
+    import json
+
+    from PIL import Image
+
+    from scripts.benchmarks.tasks import coverage_effect, lesion_coverage
+
+    work = tmp_path / "survival"
+    (work / "data" / "masks").mkdir(parents=True)
+    (work / "data" / "demo.json").write_text(json.dumps({"mask_mpp": 8.0}))
+    mask = np.zeros((64, 64), np.uint8)  # 512 µm: a 20x patch (128 µm) is 16 mask pixels
+    mask[8:16, 8:24] = 255  # 8 x 16 mask pixels: half of the patch centred at mask (16, 16) -> level 0 (256, 256)
+    Image.fromarray(mask).save(work / "data" / "masks" / "a.png")
+    Image.fromarray(np.zeros_like(mask)).save(work / "data" / "masks" / "b.png")
+    tiling = {"scales_mpp": [0.5, 1.0, 2.0], "patch_size": 256}
+    for sid, step, centres in (("a", None, [[256, 256], [768, 768]]), ("b", None, [[256, 256]]), ("a", 64, [[192, 256]])):
+        d = work / "cache" / "tiles" / f"{sid}-{step}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"slide_id": sid, "mpp": 0.5, "tiling": {**tiling, "step_um": step}}))
+        np.save(d / "coords.npy", np.asarray(centres, np.int64))
+    assert lesion_coverage(work) == {"a": 0.5, "b": 0.0}
+    assert lesion_coverage(work, 64) == {"a": pytest.approx(8 * 12 / 256)}  # shifted 4 mask pixels left
+
+    slides = {f"s{i}": {"burden": 1 if i < 6 else 0} for i in range(8)}
+    coverage = {f"s{i}": i / 10 for i in range(8)}
+    effect = coverage_effect(slides, {"follows": {s: coverage[s] for s in slides}, "against": {s: -coverage[s] for s in slides}}, coverage)
+    assert effect == {"follows": pytest.approx(1.0), "against": pytest.approx(-1.0)}

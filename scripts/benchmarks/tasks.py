@@ -110,6 +110,50 @@ def read_burden_inputs(work: Path, seed: int) -> tuple[dict[str, dict], dict[str
     return slides, risks
 
 
+def lesion_coverage(work: Path, step_um: float | None = None) -> dict[str, float]:
+    """Per slide of the demo cohort in ``work``: the largest fraction of one 20x patch that its lesion mask covers
+    (0 without a lesion). Read from the tiling cache (``cache/tiles/*/meta.json`` of grid spacing ``step_um``: level-0
+    patch centres, the slide's mpp, the finest scale and patch size) and ``data/masks/<slide folder>.png`` at the
+    cohort's ``mask_mpp`` (``data/demo.json``). A non-overlapping grid cuts a lesion between up to four patches; this
+    says how much of it the best-placed patch holds."""
+    from PIL import Image
+
+    from scripts.data.ids import folder_name
+
+    mask_mpp = float(json.loads((work / "data" / "demo.json").read_text())["mask_mpp"])
+    out: dict[str, float] = {}
+    for meta_file in sorted((work / "cache" / "tiles").glob("*/meta.json")):
+        meta = json.loads(meta_file.read_text())
+        tiling = meta["tiling"]
+        if tiling.get("step_um") != step_um:
+            continue
+        mask = np.asarray(Image.open(work / "data" / "masks" / f"{folder_name(meta['slide_id'])}.png")) > 0
+        half = tiling["patch_size"] * tiling["scales_mpp"][0] / 2 / mask_mpp  # half a 20x patch, in mask pixels
+        centres = np.load(meta_file.parent / "coords.npy") * float(meta["mpp"]) / mask_mpp
+        best = 0.0
+        for x, y in centres:
+            y0, y1, x0, x1 = (int(round(v)) for v in (y - half, y + half, x - half, x + half))
+            window = mask[max(y0, 0):y1, max(x0, 0):x1]
+            best = max(best, float(window.sum()) / float((y1 - y0) * (x1 - x0)))
+        out[meta["slide_id"]] = best
+    return out
+
+
+def coverage_effect(slides: dict[str, dict], risks: dict[str, dict[str, float]], coverage: dict[str, float]) -> dict[str, float]:
+    """Spearman correlation, over the slides with one lesion, of the lesion's best-patch coverage
+    (:func:`lesion_coverage`) and each model's risk: near 0 when the grid's cut through a lesion is not why a model
+    misses it."""
+    from scipy.stats import spearmanr
+
+    one = [s for s, v in slides.items() if int(v["burden"]) == 1 and s in coverage]
+    out = {}
+    for name, by_slide in risks.items():
+        ids = [s for s in one if s in by_slide]
+        if len(ids) > 2:
+            out[name] = float(spearmanr([coverage[s] for s in ids], [by_slide[s] for s in ids])[0])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks tasks", description=__doc__)
     ap.add_argument("--cohort", default="multiclass3", choices=sorted(TASK_COHORTS))
@@ -136,4 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"seed {seed}: c-index on all patients and within pairs of lesion burdens")
             for r in burden:
                 print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+            slides, risks = read_burden_inputs(work, seed)
+            effect = coverage_effect(slides, risks, lesion_coverage(work))
+            print(f"seed {seed}: one-lesion slides, Spearman rho of the lesion's best 20x patch coverage and the risk: "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in effect.items()))
     report("tasks", rows, ratios, args.json)
