@@ -93,7 +93,7 @@ def burden_concordance(slides: dict[str, dict], risks: dict[str, dict[str, float
     return rows
 
 
-def read_burden_inputs(work: Path, seed: int) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+def read_burden_inputs(work: Path, seed: int, tag: str = "") -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
     """The inputs of :func:`burden_concordance` from a ``tasks`` run of the survival cohort in ``work``: the demo's
     manifest and each model's test risks of protocol seed ``seed`` (``evaluation/runs/<model>/split_<i>-<key>/predictions.json``;
     more than one run of a split, left by another configuration, is refused rather than guessed)."""
@@ -101,7 +101,7 @@ def read_burden_inputs(work: Path, seed: int) -> tuple[dict[str, dict], dict[str
         slides = {r["slide_id"]: {"patient_id": r["patient_id"], "burden": int(r["label"]), "time": float(r["time"]),
                                   "event": int(r["event"])} for r in csv.DictReader(f)}
     risks: dict[str, dict[str, float]] = {}
-    for model_dir in sorted((work / f"out-seed{seed}" / "evaluation" / "runs").iterdir()):
+    for model_dir in sorted((work / f"out-{tag}seed{seed}" / "evaluation" / "runs").iterdir()):
         files = sorted(f for f in model_dir.glob("split_*/predictions.json") if not f.parent.name.endswith(".partial"))
         splits = [f.parent.name.split("-")[0] for f in files]
         if len(set(splits)) != len(splits):
@@ -164,24 +164,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="default", help="comma-separated, or 'default' (evaluate.yaml's eval_models)")
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the report")
     ap.add_argument("--workdir", default="outputs/bench-tasks", help="cohort, features and runs (reused when present)")
+    ap.add_argument("--grid_step_um", type=float, default=None,
+                    help="patch grid spacing (grid_step_um; default: the 20x patch, no overlap; 64: half-overlapping 20x patches)")
+    ap.add_argument("--bag_per_cluster", type=int, default=None, help="bag slots per phenotype cluster (default: train.yaml's 8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
     models = [] if args.models == "default" else ["--eval_models", json.dumps(args.models.split(","))]
+    tiling, tag = [], ""  # another grid or bag size: its own outputs (out-<tag>seed<s>); cohort and caches shared
+    if args.grid_step_um is not None:
+        tiling, tag = ["--grid_step_um", f"{args.grid_step_um:g}"], f"grid{args.grid_step_um:g}-"
+    if args.bag_per_cluster is not None:
+        tiling, tag = [*tiling, "--bag_per_cluster", str(args.bag_per_cluster)], f"{tag}bags{args.bag_per_cluster}-"
     t = time.perf_counter()
     reports = protocol_reports(work, [int(x) for x in args.seeds.split(",")], args.splits, args.workers, args.bootstrap,
-                               [*cohort_overrides(args.cohort, args.patients), *models])
+                               [*cohort_overrides(args.cohort, args.patients), *models, *tiling], tag)
     rows, ratios = summarise(reports)
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {sorted(reports)}, "
           f"{(time.perf_counter() - t) / 60:.1f} min")
     if TASK_COHORTS[args.cohort].get("survival"):  # can the models count the lesions? (docs/evaluation.md)
         for seed in sorted(reports):
-            burden = burden_concordance(*read_burden_inputs(work, seed))
+            slides, risks = read_burden_inputs(work, seed, tag)
+            burden = burden_concordance(slides, risks)
             print(f"seed {seed}: c-index on all patients and within pairs of lesion burdens")
             for r in burden:
                 print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-            slides, risks = read_burden_inputs(work, seed)
-            effect = coverage_effect(slides, risks, lesion_coverage(work))
+            effect = coverage_effect(slides, risks, lesion_coverage(work, args.grid_step_um))
             print(f"seed {seed}: one-lesion slides, Spearman rho of the lesion's best 20x patch coverage and the risk: "
                   + "  ".join(f"{k} {v:.2f}" for k, v in effect.items()))
     report("tasks", rows, ratios, args.json)
