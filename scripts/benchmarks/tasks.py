@@ -183,13 +183,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {sorted(reports)}, "
           f"{(time.perf_counter() - t) / 60:.1f} min")
     if TASK_COHORTS[args.cohort].get("survival"):  # can the models count the lesions? (docs/evaluation.md)
+        coverage = lesion_coverage(work, args.grid_step_um)
         for seed in sorted(reports):
             slides, risks = read_burden_inputs(work, seed, tag)
             burden = burden_concordance(slides, risks)
             print(f"seed {seed}: c-index on all patients and within pairs of lesion burdens")
             for r in burden:
                 print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-            effect = coverage_effect(slides, risks, lesion_coverage(work, args.grid_step_um))
+            effect = coverage_effect(slides, risks, coverage)
             print(f"seed {seed}: one-lesion slides, Spearman rho of the lesion's best 20x patch coverage and the risk: "
                   + "  ".join(f"{k} {v:.2f}" for k, v in effect.items()))
     report("tasks", rows, ratios, args.json)
