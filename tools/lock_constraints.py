@@ -75,10 +75,12 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
 def render(pins: dict[str, str]) -> str:
     """The constraints file's text: a header, then ``name==version`` sorted by name (torch's local label, e.g.
     ``+cpu``, dropped so the pin also admits the CUDA builds of the same version)."""
+    pinned = {n: re.sub(r"[+].*$", "", v) for n, v in sorted(pins.items())}
     head = ("# The environment the documented numbers were measured in (tools/lock_constraints.py; python "
             f"{sys.version_info.major}.{sys.version_info.minor}, {sys.platform}).\n"
-            "# Reproduce it: pip install torch==2.13.0 -c constraints.txt && pip install -r requirements-dev.txt -c constraints.txt\n")
-    return head + "".join(f"{n}=={re.sub(r'[+].*$', '', v)}\n" for n, v in sorted(pins.items()))
+            f"# Reproduce it: pip install torch=={pinned.get('torch', '')} -c constraints.txt && "
+            "pip install -r requirements-dev.txt -c constraints.txt\n")
+    return head + "".join(f"{n}=={v}\n" for n, v in pinned.items())
 
 
 def main(argv: list[str] | None = None) -> int:
