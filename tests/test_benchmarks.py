@@ -89,6 +89,12 @@ def test_burden_concordance_tells_counting_from_presence(tmp_path):
         (run / "predictions.json").write_text(json.dumps({"test": {s: risks["counts"][s] for s in part}}))
     read_slides, read_risks = read_burden_inputs(work, 0)
     assert read_risks == {"counts": risks["counts"]}
+    assert read_slides[ids[0]]["split"] == "split_0" and read_slides[ids[-1]]["split"] == "split_1"
+    # within splits: a model whose scale differs per split still counts perfectly; pooled across them it does not
+    shifted = {s: risks["counts"][s] + (10.0 if read_slides[s]["split"] == "split_1" else 0.0) for s in ids}
+    within = {r["model"]: r for r in burden_concordance(read_slides, {"shifted": shifted})}
+    pooled = {r["model"]: r for r in burden_concordance(slides, {"shifted": shifted})}
+    assert within["shifted"]["c_index"] == within["oracle_count"]["c_index"] and pooled["shifted"]["c_index"] < within["shifted"]["c_index"]
     assert read_slides["p4-s0"]["time"] == pytest.approx(slides["p4-s0"]["time"])
     assert read_slides["p4-s0"]["burden"] == 1 and read_slides["p5-s0"]["event"] == 0
     stale = work / "out-seed0" / "evaluation" / "runs" / "counts" / "split_1-old"

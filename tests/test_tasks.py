@@ -157,6 +157,53 @@ def test_survival_report_of_a_perfect_and_a_reversed_model():
     assert "| good | 1.000" in render_survival(rep)
 
 
+def test_stratified_concordance_is_lifelines_within_a_group_and_skips_pairs_across_groups():
+    """One stratum: Harrell's C as lifelines counts it (tied times and tied risks included). Splits: a model that
+    ranks each split's patients perfectly, on a risk scale shifted per split, scores 1.0 over the pairs within splits
+    while the pairs across splits pull the naive pooled c-index down."""
+    from scripts.tasks.survival import concordance, concordance_counts, stratified_concordance
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(5, 40))
+        t, e, r = rng.integers(1, 10, n).astype(float), rng.integers(0, 2, n), rng.integers(0, 4, n).astype(float)
+        e[0] = 1
+        assert stratified_concordance(t, e, r) == pytest.approx(concordance(t, e, r), abs=1e-12)
+    good, pairs = concordance_counts([1.0, 2.0, 2.0, 3.0], [1, 1, 0, 0], [3.0, 1.0, 1.0, 0.0])
+    # the event at 1 against the three later slides (all concordant); the event at 2 against the slide censored at 2
+    # (tied risk: 0.5) and the one at 3 (concordant)
+    assert pairs == 5 and good == 4.5
+    t = np.arange(1.0, 21.0)
+    e = np.ones(20, int)
+    split = np.repeat([0, 1], 10)[rng.permutation(20)]
+    r = -t + 100 * split  # perfect within a split; split 1's scale far above split 0's
+    assert stratified_concordance(t, e, r, split) == 1.0
+    assert concordance(t, e, r) < 0.8 and stratified_concordance(t, e, r) == pytest.approx(concordance(t, e, r))
+    assert np.isnan(stratified_concordance([1.0, 2.0], [0, 0], [1.0, 0.0]))
+
+
+def test_survival_report_compares_slides_of_one_split():
+    """Cross-validation: each split's model has its own risk scale, so the combined c-index and the risk halves are
+    taken within splits (the naive pooled c-index is kept beside it); an external test set is one stratum."""
+    from scripts.evaluation.survival_report import build_survival_report, render_survival
+
+    t = np.arange(1.0, 41.0)
+    ids = [f"s{i}" for i in range(40)]
+    slides = {i: {"patient_id": i, "label": 1, "time": float(tt), "event": 1} for i, tt in zip(ids, t)}
+    parts = [ids[0::2], ids[1::2]]
+    runs = {"shifted": [{"test": {i: float(-t[int(i[1:])] + 100 * k) for i in part}} for k, part in enumerate(parts)]}
+    rep = build_survival_report({"mode": "cross_validation", "splits": [{}, {}], "runs": runs, "slides": slides}, "shifted", n_resamples=50)
+    c = rep["models"]["shifted"]["combined"]
+    assert c["c_index"] == 1.0 and c["strata"] == "split" and c["c_index_pooled"] < 0.8
+    assert rep["models"]["shifted"]["ci95"]["c_index"]["low"] == 1.0
+    g = c["risk_groups"]["curves"]
+    assert g["high"]["n"] == g["low"]["n"] == 20 and g["high"]["median"] < g["low"]["median"]  # each split's own median
+    assert "pairs of slides one split scored" in render_survival(rep)
+    ext = {"shifted": [{"test": {i: float(-t[int(i[1:])]) for i in ids}}, {"test": {i: float(-t[int(i[1:])] + 1) for i in ids}}]}
+    rep = build_survival_report({"mode": "external_test", "splits": [{}, {}], "runs": ext, "slides": slides}, "shifted", n_resamples=50)
+    assert rep["models"]["shifted"]["combined"]["strata"] is None and rep["models"]["shifted"]["combined"]["c_index"] == 1.0
+
+
 def test_protocol_for_three_classes_and_for_survival(tmp_path):
     """The protocol trains every model with configs/train.yaml for the task and writes its report."""
     from scripts.evaluation import workflow

@@ -2,7 +2,8 @@
 protocol (``run evaluate``) for every model on the three-class co-location cohort (classes differ in which ring shape
 surrounds the texture) or on the survival cohort (times shorten with the co-located lesion burden).
 
-Key metric per model: the combined (pooled out-of-fold) macro one-vs-rest AUC, or Harrell's c-index. Baseline measured
+Key metric per model: the combined (pooled out-of-fold) macro one-vs-rest AUC, or Harrell's c-index over the pairs
+of slides one split's model scored (``scripts.evaluation.survival_report``). Baseline measured
 in the same run: the best single-scale model (``deepattnmisl_20x/10x/5x``, which see one cue only). Ratios:
 ``joint_vs_best_single`` (csmil_joint over the best single-scale model) and ``joint_vs_default`` (over ``dsmil``).
 """
@@ -69,12 +70,16 @@ def burden_concordance(slides: dict[str, dict], risks: dict[str, dict[str, float
     patients and on the patients of each pair of lesion burdens (``slides``: slide id -> ``patient_id``, ``burden``,
     ``time``, ``event``: the survival demo's manifest, whose label column is the burden), beside two oracles: the
     true burden (``oracle_count``) and only whether there is a lesion (``oracle_presence``, which ties burdens 1 and 2).
-    A model that sees presence but cannot count sits near ``oracle_presence``, at 0.5 on the pair (1, 2)."""
-    from scripts.tasks.survival import concordance
+    A model that sees presence but cannot count sits near ``oracle_presence``, at 0.5 on the pair (1, 2).
+    With a ``split`` per slide (the protocol's test split of its patient) only the pairs of one split are compared
+    (:func:`scripts.tasks.survival.stratified_concordance`: each split's model has its own risk scale), for the
+    oracles too."""
+    from scripts.tasks.survival import stratified_concordance
 
     patients: dict[str, dict] = {}
     for sid, s in slides.items():
-        patients.setdefault(s["patient_id"], {"burden": int(s["burden"]), "time": float(s["time"]), "event": int(s["event"]), "slides": []})
+        patients.setdefault(s["patient_id"], {"burden": int(s["burden"]), "time": float(s["time"]), "event": int(s["event"]),
+                                              "split": s.get("split"), "slides": []})
         patients[s["patient_id"]]["slides"].append(sid)
     burdens = sorted({p["burden"] for p in patients.values()})
     scores = {"oracle_count": {k: float(p["burden"]) for k, p in patients.items()},
@@ -88,7 +93,9 @@ def burden_concordance(slides: dict[str, dict], risks: dict[str, dict[str, float
         for pair in [None, *itertools.combinations(burdens, 2)]:
             ids = [k for k in score if pair is None or patients[k]["burden"] in pair]
             key = "c_index" if pair is None else f"c_index_{pair[0]}v{pair[1]}"
-            row[key] = concordance([patients[k]["time"] for k in ids], [patients[k]["event"] for k in ids], [score[k] for k in ids])
+            strata = [patients[k]["split"] for k in ids] if all(patients[k]["split"] is not None for k in ids) else None
+            row[key] = stratified_concordance([patients[k]["time"] for k in ids], [patients[k]["event"] for k in ids], [score[k] for k in ids],
+                                              strata)
         rows.append(row)
     return rows
 
@@ -96,7 +103,8 @@ def burden_concordance(slides: dict[str, dict], risks: dict[str, dict[str, float
 def read_burden_inputs(work: Path, seed: int, tag: str = "") -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
     """The inputs of :func:`burden_concordance` from a ``tasks`` run of the survival cohort in ``work``: the demo's
     manifest and each model's test risks of protocol seed ``seed`` (``evaluation/runs/<model>/split_<i>-<key>/predictions.json``;
-    more than one run of a split, left by another configuration, is refused rather than guessed)."""
+    more than one run of a split, left by another configuration, is refused rather than guessed). Each slide's record
+    gets its test ``split`` (the split folder's name), so that :func:`burden_concordance` compares within splits."""
     with (work / "data" / "manifest.csv").open() as f:
         slides = {r["slide_id"]: {"patient_id": r["patient_id"], "burden": int(r["label"]), "time": float(r["time"]),
                                   "event": int(r["event"])} for r in csv.DictReader(f)}
@@ -106,7 +114,13 @@ def read_burden_inputs(work: Path, seed: int, tag: str = "") -> tuple[dict[str, 
         splits = [f.parent.name.split("-")[0] for f in files]
         if len(set(splits)) != len(splits):
             raise SystemExit(f"{model_dir}: more than one run of a split; remove the stale ones")
-        risks[model_dir.name] = {sid: float(v) for f in files for sid, v in json.loads(f.read_text())["test"].items()}
+        risks[model_dir.name] = {}
+        for f, split in zip(files, splits):
+            for sid, v in json.loads(f.read_text())["test"].items():
+                risks[model_dir.name][sid] = float(v)
+                if slides[sid].setdefault("split", split) != split:
+                    raise SystemExit(f"{f}: slide {sid} is in {split} here and in {slides[sid]['split']} for another model; "
+                                     "the models of one protocol seed must share its splits")
     return slides, risks
 
 

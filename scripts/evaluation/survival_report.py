@@ -1,6 +1,12 @@
 """The protocol's report for survival: Harrell's concordance of the predicted risk (lifelines) per split and on the
-combined predictions with a patient-level bootstrap CI, Kaplan-Meier curves of the high- and low-risk halves (split at
-the median combined risk) with a log-rank test, and the paired bootstrap of the c-index against the reference model."""
+combined predictions with a patient-level bootstrap CI, Kaplan-Meier curves of the high- and low-risk halves with a
+log-rank test, and the paired bootstrap of the c-index against the reference model.
+
+Cross-validation's combined predictions come from one model per split, whose risks are on different scales (time bins
+and calibration differ per training set). The combined c-index therefore compares only slides of one split
+(:func:`scripts.tasks.survival.stratified_concordance`; the naive c-index over every pair is kept as
+``c_index_pooled``), and the risk halves are cut at each split's own median. On an external test set every model
+scores every slide (the ensemble of the split models), so there is one stratum."""
 
 from __future__ import annotations
 
@@ -12,11 +18,13 @@ import numpy as np
 from scripts.evaluation.report import (against_reference, bootstrap_table, envelope, environment_lines, localisation_table, mean_localisation,
                                        pooled_scores, selection_text)
 from scripts.evaluation.stats import _resample_indices, paired_summary
-from scripts.tasks.survival import concordance
+from scripts.tasks.survival import concordance, stratified_concordance
 
 
-def _bootstrap(t: np.ndarray, e: np.ndarray, risks: Sequence[np.ndarray], n: int, seed: int, groups: Sequence | None) -> np.ndarray:
-    """c-index of each risk vector on the same resamples [n_valid, len(risks)] (resamples without an event skipped)."""
+def _bootstrap(t: np.ndarray, e: np.ndarray, risks: Sequence[np.ndarray], n: int, seed: int, groups: Sequence | None,
+               strata: np.ndarray | None = None) -> np.ndarray:
+    """Stratified c-index of each risk vector on the same resamples [n_valid, len(risks)] (resamples without a
+    comparable pair skipped; a resampled slide keeps its stratum)."""
     rng = np.random.default_rng(seed)
     out: list[list[float]] = []
     tries = 0
@@ -24,16 +32,22 @@ def _bootstrap(t: np.ndarray, e: np.ndarray, risks: Sequence[np.ndarray], n: int
         for idx in _resample_indices(len(t), groups, n - len(out), rng):
             tries += 1
             if e[idx].any():
-                out.append([concordance(t[idx], e[idx], r[idx]) for r in risks])
-    return np.asarray(out)
+                vals = [stratified_concordance(t[idx], e[idx], r[idx], None if strata is None else strata[idx]) for r in risks]
+                if not any(math.isnan(v) for v in vals):
+                    out.append(vals)
+    return np.asarray(out).reshape(-1, len(risks))
 
 
-def risk_groups(t: np.ndarray, e: np.ndarray, r: np.ndarray) -> dict:
-    """High- vs low-risk halves (at the median risk): Kaplan-Meier curves (lifelines) and the log-rank test."""
+def risk_groups(t: np.ndarray, e: np.ndarray, r: np.ndarray, strata: np.ndarray | None = None) -> dict:
+    """High- vs low-risk halves (above the median risk of the slide's stratum: its split's model): Kaplan-Meier
+    curves (lifelines) and the log-rank test."""
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
-    high = r > np.median(r)
+    s = np.zeros(len(r), int) if strata is None else np.asarray(strata)
+    high = np.zeros(len(r), bool)
+    for k in np.unique(s):
+        high[s == k] = r[s == k] > np.median(r[s == k])
     if high.all() or not high.any():
         return {}
     curves = {}
@@ -44,6 +58,16 @@ def risk_groups(t: np.ndarray, e: np.ndarray, r: np.ndarray) -> dict:
                         "median": float(km.median_survival_time_)}
     test = logrank_test(t[high], t[~high], e[high], e[~high])
     return {"curves": curves, "logrank_p": float(test.p_value), "logrank_statistic": float(test.test_statistic)}
+
+
+def split_strata(result: dict, ids: Sequence[str]) -> np.ndarray | None:
+    """The split whose model scored each slide of the combined predictions (cross-validation), or None (an external
+    test set: every split's model scored every slide, and the combined score is their mean)."""
+    if result["mode"] == "external_test":
+        return None
+    runs = next(iter(result["runs"].values()))
+    of = {i: k for k, run in enumerate(runs) for i in run["test"]}
+    return np.asarray([of[i] for i in ids])
 
 
 def build_survival_report(result: dict, reference: str, n_resamples: int = 2000, seed: int = 0, by_patient: bool = True,
@@ -61,15 +85,17 @@ def build_survival_report(result: dict, reference: str, n_resamples: int = 2000,
         t = np.asarray([slides[i]["time"] for i in ids], float)
         e = np.asarray([slides[i]["event"] for i in ids], int)
         groups = [slides[i]["patient_id"] for i in ids] if by_patient else None
-        combined[name] = (ids, t, e, r, groups)
+        strata = split_strata(result, ids)
+        combined[name] = (ids, t, e, r, groups, strata)
         vals = np.asarray([s["c_index"] for s in per_split if not math.isnan(s["c_index"])])
-        dist = _bootstrap(t, e, [r], n_resamples, seed, groups)[:, 0]
-        est = concordance(t, e, r)
+        dist = _bootstrap(t, e, [r], n_resamples, seed, groups, strata)[:, 0]
+        est = stratified_concordance(t, e, r, strata)
         models[name] = {
             "per_split": per_split,
             "mean": {"c_index": float(vals.mean()) if len(vals) else float("nan")},
             "sd": {"c_index": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0},
-            "combined": {"n": int(len(t)), "events": int(e.sum()), "c_index": est, "risk_groups": risk_groups(t, e, r)},
+            "combined": {"n": int(len(t)), "events": int(e.sum()), "c_index": est, "c_index_pooled": concordance(t, e, r),
+                         "strata": "split" if strata is not None else None, "risk_groups": risk_groups(t, e, r, strata)},
             "ci95": {"c_index": {"estimate": est, "low": float(np.quantile(dist, 0.025)), "high": float(np.quantile(dist, 0.975)),
                                  "n_resamples": int(len(dist))}},
             "predictions": {i: float(v) for i, v in zip(ids, r)},
@@ -78,10 +104,11 @@ def build_survival_report(result: dict, reference: str, n_resamples: int = 2000,
             models[name]["localisation"] = loc
     comparisons = {}
     if reference in combined:
-        _, t, e, r_ref, groups = combined[reference]
+        _, t, e, r_ref, groups, strata = combined[reference]
         for name, other in against_reference({n: (c[0], c[3]) for n, c in combined.items()}, reference).items():
-            dist = _bootstrap(t, e, [r_ref, other], n_resamples, seed, groups)
-            comparisons[name] = {"bootstrap": paired_summary(concordance(t, e, r_ref) - concordance(t, e, other), dist[:, 0] - dist[:, 1])}
+            dist = _bootstrap(t, e, [r_ref, other], n_resamples, seed, groups, strata)
+            comparisons[name] = {"bootstrap": paired_summary(stratified_concordance(t, e, r_ref, strata) - stratified_concordance(t, e, other, strata),
+                                                             dist[:, 0] - dist[:, 1])}
     return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons, task="survival")
 
 
@@ -96,8 +123,12 @@ def render_survival(report: dict) -> str:
              f"Protocol: {p['num_splits']} patient-level splits stratified by event ({p['mode'].replace('_', ' ')}); every model trained "
              f"with the same splits and hyper-parameters (discrete-time likelihood), {selection_text(p, 'val_cindex')}. "
              "c-index: Harrell's concordance of the predicted risk (lifelines); 'mean ± sd' over splits, 'combined' on the pooled test "
-             f"predictions with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s. Risk groups: the combined "
-             "predictions split at their median; log-rank test of the two Kaplan-Meier curves.", "", *environment_lines(p),
+             f"predictions with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s. "
+             + ("Each split's model scores its own test slides on its own risk scale, so 'combined' counts only the pairs of slides "
+                "one split scored (the concordance over every pair is in report.json, `c_index_pooled`), and the risk groups are each "
+                "split's slides above and below that split's median risk. " if p["mode"] != "external_test" else
+                "Risk groups: the combined predictions split at their median. ")
+             + "Log-rank test of the two Kaplan-Meier curves.", "", *environment_lines(p),
              "## Models", "",
              "| model | c-index (mean ± sd) | c-index, combined [95% CI] | median time, low / high risk | log-rank p |", "|---|---|---|---|---|"]
     for n, m in report["models"].items():

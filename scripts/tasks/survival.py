@@ -78,7 +78,47 @@ def concordance(time: Sequence[float], event: Sequence[int], risk_score: Sequenc
     t, e, r = np.asarray(time, float), np.asarray(event, int), np.asarray(risk_score, float)
     if len(t) < 2 or not e.any():
         return float("nan")
-    return float(concordance_index(t, -r, e))
+    try:
+        return float(concordance_index(t, -r, e))
+    except ZeroDivisionError:  # events, but no comparable pair (e.g. every slide left at one time)
+        return float("nan")
+
+
+def concordance_counts(time: Sequence[float], event: Sequence[int], risk_score: Sequence[float], chunk: int = 2048) -> tuple[float, int]:
+    """Harrell's pairs of one group: (concordant pairs + half the pairs with tied risks, comparable pairs).
+
+    Comparable, as lifelines counts them: an event at ``t_i`` against any slide that left later (``t_j > t_i``) or was
+    censored at the same time; two events at one time are not compared. Concordant: the earlier event has the higher
+    risk. ``concordant / comparable`` equals lifelines' ``concordance_index`` (tests/test_tasks.py checks it). Written
+    here because neither lifelines nor scikit-survival pools the pairs of several groups (:func:`stratified_concordance`)
+    in its public API; pairs are counted in row chunks, O(n^2 / chunk) memory-bounded passes.
+    """
+    t, e, r = np.asarray(time, float), np.asarray(event, int).astype(bool), np.asarray(risk_score, float)
+    good, pairs = 0.0, 0
+    died = np.flatnonzero(e)
+    for start in range(0, len(died), chunk):
+        i = died[start:start + chunk]
+        comparable = (t[None, :] > t[i, None]) | ((t[None, :] == t[i, None]) & ~e[None, :])
+        pairs += int(comparable.sum())
+        good += float(((r[i, None] > r[None, :]) & comparable).sum()) + 0.5 * float(((r[i, None] == r[None, :]) & comparable).sum())
+    return good, pairs
+
+
+def stratified_concordance(time: Sequence[float], event: Sequence[int], risk_score: Sequence[float],
+                           strata: Sequence | None = None) -> float:
+    """Harrell's concordance over the pairs *within* each stratum (NaN without a comparable pair).
+
+    The protocol's out-of-fold survival predictions come from one model per split, and the risks of models trained on
+    different splits are on different scales (their time bins and calibration differ), so a pair of slides scored by
+    two models says how the models agree, not whether either ranks the patients. With the split as the stratum the
+    c-index counts only pairs one model scored; with one stratum (``strata=None``) it is Harrell's C (lifelines')."""
+    t, e, r = np.asarray(time, float), np.asarray(event, int), np.asarray(risk_score, float)
+    s = np.zeros(len(t), int) if strata is None else np.unique(np.asarray(strata), return_inverse=True)[1].ravel()
+    good, pairs = 0.0, 0
+    for k in np.unique(s):
+        g, n = concordance_counts(t[s == k], e[s == k], r[s == k])
+        good, pairs = good + g, pairs + n
+    return good / pairs if pairs else float("nan")
 
 
 def _cindex(y_pred: torch.Tensor, y: torch.Tensor) -> float:
