@@ -52,6 +52,21 @@ def test_protocol_benchmarks_pass_a_reference_among_the_models(tmp_path):
     assert cmd[-2:] == ["--eval_models", '["monai_att_concat"]']
 
 
+def test_tasks_summary_of_survival_reports_keeps_the_pooled_c_index():
+    from scripts.benchmarks.tasks import summarise as tasks_summarise
+
+    def rep(joint, dsmil, single):
+        models = {n: {"combined": {"c_index": c, "c_index_pooled": c - 0.02}, "mean": {"c_index": c},
+                      "ci95": {"c_index": {"low": c - 0.05, "high": c + 0.05}}} for n, c in
+                  (("csmil_joint", joint), ("dsmil", dsmil), ("deepattnmisl_20x", single))}
+        return {"protocol": {"task": "survival"}, "models": models}
+
+    rows, ratios = tasks_summarise({0: rep(0.72, 0.70, 0.60), 1: rep(0.74, 0.72, 0.62)})
+    assert [r["model"] for r in rows] == ["csmil_joint", "dsmil", "deepattnmisl_20x"]
+    assert rows[0]["c_index_combined"] == pytest.approx(0.73) and rows[0]["c_index_pooled"] == pytest.approx(0.71)
+    assert ratios["joint_vs_best_single"] == pytest.approx(0.73 / 0.61) and ratios["joint_vs_default"] == pytest.approx(0.73 / 0.71)
+
+
 def test_burden_concordance_tells_counting_from_presence(tmp_path):
     """The survival benchmark's analysis: a model scoring the burden equals the count oracle; one scoring only
     presence ties burdens 1 and 2 (c-index 0.5 on that pair) and equals the presence oracle; inputs are read from the

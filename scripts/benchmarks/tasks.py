@@ -51,6 +51,8 @@ def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
         rows.append({"model": n, f"{key}_combined": float(np.mean(comb)), f"{key}_mean_over_splits": float(np.mean([m["mean"][key] for m in per])),
                      "ci95": " ".join(f"[{m['ci95'][key]['low']:.3f}, {m['ci95'][key]['high']:.3f}]" for m in per),
                      "per_seed": " ".join(f"{c:.3f}" for c in comb)})
+        if all("c_index_pooled" in m["combined"] for m in per):  # survival: the c-index over every pair, as before 0.24.0
+            rows[-1][f"{key}_pooled"] = float(np.mean([m["combined"]["c_index_pooled"] for m in per]))
     rows.sort(key=lambda r: -r[f"{key}_combined"])
     value = {r["model"]: r[f"{key}_combined"] for r in rows}
     ratios = {}
