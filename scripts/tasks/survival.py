@@ -84,18 +84,20 @@ def concordance(time: Sequence[float], event: Sequence[int], risk_score: Sequenc
         return float("nan")
 
 
-def concordance_counts(time: Sequence[float], event: Sequence[int], risk_score: Sequence[float], chunk: int = 2048) -> tuple[float, int]:
+def concordance_counts(time: Sequence[float], event: Sequence[int], risk_score: Sequence[float]) -> tuple[float, int]:
     """Harrell's pairs of one group: (concordant pairs + half the pairs with tied risks, comparable pairs).
 
     Comparable, as lifelines counts them: an event at ``t_i`` against any slide that left later (``t_j > t_i``) or was
     censored at the same time; two events at one time are not compared. Concordant: the earlier event has the higher
     risk. ``concordant / comparable`` equals lifelines' ``concordance_index`` (tests/test_tasks.py checks it). Written
-    here because neither lifelines nor scikit-survival pools the pairs of several groups (:func:`stratified_concordance`)
-    in its public API; pairs are counted in row chunks, O(n^2 / chunk) memory-bounded passes.
+    here because lifelines' public API returns only that ratio, and pooling groups (:func:`stratified_concordance`)
+    needs the counts; scikit-survival's ``concordance_index_censored`` returns them but would add a dependency for
+    one function. Pairs are counted in blocks of events of at most 2^24 pairs (O(n^2) time, bounded memory).
     """
     t, e, r = np.asarray(time, float), np.asarray(event, int).astype(bool), np.asarray(risk_score, float)
     good, pairs = 0.0, 0
     died = np.flatnonzero(e)
+    chunk = max(1, (1 << 24) // max(len(t), 1))
     for start in range(0, len(died), chunk):
         i = died[start:start + chunk]
         comparable = (t[None, :] > t[i, None]) | ((t[None, :] == t[i, None]) & ~e[None, :])
