@@ -107,8 +107,8 @@ def build_survival_report(result: dict, reference: str, n_resamples: int = 2000,
         _, t, e, r_ref, groups, strata = combined[reference]
         for name, other in against_reference({n: (c[0], c[3]) for n, c in combined.items()}, reference).items():
             dist = _bootstrap(t, e, [r_ref, other], n_resamples, seed, groups, strata)
-            comparisons[name] = {"bootstrap": paired_summary(stratified_concordance(t, e, r_ref, strata) - stratified_concordance(t, e, other, strata),
-                                                             dist[:, 0] - dist[:, 1])}
+            diff = models[reference]["combined"]["c_index"] - stratified_concordance(t, e, other, strata)
+            comparisons[name] = {"bootstrap": paired_summary(diff, dist[:, 0] - dist[:, 1])}
     return envelope(result, reference, n_resamples, seed, by_patient, protocol, models, comparisons, task="survival")
 
 
