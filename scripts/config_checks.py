@@ -109,8 +109,10 @@ RULES: dict[str, Rule] = {
     "log_every_iterations": _int("iterations between training-loss points in TensorBoard"),
     "selection_metric": Rule("choice", "validation metric whose best epoch is models/model.pt", choices=("val_loss", "val_auc", "val_acc", "val_cindex")),
     "batch_size": _int("bags per training batch"),
-    "learning_rate": _pos("Adam learning rate"),
-    "weight_decay": Rule("float", "Adam weight decay", 0.0),
+    "learning_rate": _pos("Adam learning rate (train_recipe: published: of the models without a recipe of their own)"),
+    "weight_decay": Rule("float", "Adam weight decay (likewise)", 0.0),
+    "train_recipe": Rule("choice", "optimiser: shared (every model: Adam at learning_rate) or published (heads from the field: their authors')",
+                         choices=("shared", "published")),
     # inference
     "num_bags": _int("random bags averaged per slide"),
     "threshold": Rule("fraction", "probability threshold of the predicted label", 0.0, 1.0),

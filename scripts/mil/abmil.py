@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from scripts.mil import recipe
 from scripts.mil.base import MILBase, combine_scales, view_dim, view_scale_weights
 from scripts.mil.pooling import GatedScore, attention_pool, cluster_mass
 
@@ -30,6 +31,11 @@ class ABMIL(MILBase):
         self.embed = nn.Sequential(nn.Linear(view_dim(in_features, num_scales, scale_mode), hidden), nn.ReLU())
         self.attention = GatedScore(hidden, attn_hidden, dropout)
         self.classifier = nn.Linear(hidden, num_classes)
+
+    @torch.jit.ignore
+    def published_recipe(self) -> Optional[recipe.TrainingRecipe]:
+        """Ilse et al.'s optimiser (:data:`scripts.mil.recipe.ABMIL`)."""
+        return recipe.ABMIL
 
     @torch.jit.export
     def forward_attention(

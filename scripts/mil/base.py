@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from scripts.mil.recipe import TrainingRecipe
+
 
 #: how a model without cross-scale attention sees the scales of a location
 SCALE_VIEWS = ("select", "instances", "sum", "concat")
@@ -80,6 +82,12 @@ class MILBase(nn.Module):
         self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
         self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype).clamp_min(1e-6))
         return self
+
+    @torch.jit.ignore
+    def published_recipe(self) -> Optional[TrainingRecipe]:
+        """The optimiser the model's authors published (``train_recipe: published``); None: the model has no recipe of
+        its own and trains with the shared one (the paper's baselines and CS-MIL: the protocol's recipe is theirs)."""
+        return None
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - input_mean) / input_std`` over the feature axis."""

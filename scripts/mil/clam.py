@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from scripts.mil import recipe
 from scripts.mil.base import MILBase, combine_scales, view_dim, view_scale_weights
 from scripts.mil.pooling import GatedScore, attention_pool, cluster_mass
 
@@ -43,6 +44,11 @@ class CLAMSB(MILBase):
         self.classifier = nn.Linear(hidden, num_classes)
         self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2) for _ in range(num_classes)])
         self._last = []  # training only (a list of tensors; not part of TorchScript): instance embeddings, attention, mask of the last call
+
+    @torch.jit.ignore
+    def published_recipe(self) -> Optional[recipe.TrainingRecipe]:
+        """CLAM's published optimiser (:data:`scripts.mil.recipe.CLAM`)."""
+        return recipe.CLAM
 
     def _bag(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x, mask = self.prepare(x, mask)

@@ -36,6 +36,7 @@ import torch
 from monai.networks.nets import MILModel
 from torch import nn
 
+from scripts.mil import recipe
 from scripts.mil.base import MILBase, combine_scales, view_dim, view_scale_weights
 from scripts.mil.pooling import attention_pool, cluster_mass
 
@@ -95,6 +96,12 @@ class MONAIMIL(MILBase):
         self.levels = nn.ModuleList()
         for layer in self.transformer:
             layer.enable_nested_tensor = False  # masks go in as src_key_padding_mask (same results, one code path)
+
+    @torch.jit.ignore
+    def published_recipe(self) -> Optional[recipe.TrainingRecipe]:
+        """MONAI's MIL tutorial optimiser; the transformer blocks (``transformer``, the pyramid's ``levels``) are its
+        transformer group."""
+        return recipe.monai_recipe(tuple(n for n in ("transformer", "levels") if len(getattr(self, n)) > 0))
 
     def _tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Standardised bags [B, S, N, D] -> per-location tokens [B, N, width] before the attention pooling."""

@@ -34,6 +34,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from scripts.mil import recipe
 from scripts.mil.base import MILBase, combine_scales, view_dim, view_scale_weights
 from scripts.mil.pooling import cluster_mass
 
@@ -141,6 +142,11 @@ class TransMIL(MILBase):
         self.layer2 = TransLayer(hidden, dropout)
         self.norm = nn.LayerNorm(hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
+
+    @torch.jit.ignore
+    def published_recipe(self) -> Optional[recipe.TrainingRecipe]:
+        """TransMIL's published optimiser (:data:`scripts.mil.recipe.TRANSMIL`)."""
+        return recipe.TRANSMIL
 
     @torch.jit.export
     def forward_attention(

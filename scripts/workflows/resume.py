@@ -63,13 +63,13 @@ class TrainingResume:
     Args:
         directory: where ``resume.pt`` lives (one per output folder).
         objects: name -> object with ``state_dict`` / ``load_state_dict`` (the trainer it is attached to is
-            added as ``trainer``).
+            added as ``trainer``); a None value (e.g. no learning-rate schedule) is left out.
         fingerprint: identifies the training set-up; a checkpoint with another fingerprint is ignored.
     """
 
     def __init__(self, directory: str | Path, objects: Mapping[str, Any], fingerprint: str) -> None:
         self.file = Path(directory) / "resume.pt"
-        self.objects = dict(objects)
+        self.objects = {k: v for k, v in objects.items() if v is not None}  # None: not used in this run (a schedule)
         self.fingerprint = fingerprint
         self.enabled = True
 
