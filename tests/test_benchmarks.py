@@ -52,6 +52,16 @@ def test_protocol_benchmarks_pass_a_reference_among_the_models(tmp_path):
     assert cmd[-2:] == ["--eval_models", '["monai_att_concat"]']
 
 
+def test_fusion_benchmark_names_published_recipe_rows_as_the_protocol_s_ablation_does():
+    from scripts.benchmarks.fusion import recipe_row_name
+    from scripts.evaluation.protocol import make_variants
+
+    ablation = make_variants(["dsmil"], "train_recipe", ["published"], ["transmil_concat"])[-1].name
+    assert recipe_row_name("transmil_concat", "published") == ablation == "transmil_concat[train_recipe=published]"
+    assert recipe_row_name("dsmil", "published") == "dsmil"  # no recipe of its own: the shared run
+    assert recipe_row_name("transmil_concat", "shared") == "transmil_concat"
+
+
 def test_tasks_summary_of_survival_reports_keeps_the_pooled_c_index():
     from scripts.benchmarks.tasks import summarise as tasks_summarise
 

@@ -64,6 +64,15 @@ def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
     return rows, ratios
 
 
+def recipe_row_name(model: str, train_recipe: str) -> str:
+    """A row's name under ``train_recipe``: ``<model>[train_recipe=<recipe>]`` for a model with a recipe of its own
+    (the name the protocol's ablation ids give the same run), the plain name for a model that trains as under shared."""
+    from scripts.mil.registry import build_model
+
+    own = train_recipe != "shared" and build_model(model, 16).published_recipe() is not None
+    return f"{model}[train_recipe={train_recipe}]" if own else model
+
+
 def reference_model(models: list[str], reference: str = "auto") -> str:
     """``eval_reference`` of the run: ``reference``, or (``auto``) csmil_joint when it is among ``models``, else the first."""
     if reference != "auto":
@@ -83,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default="outputs/bench-fusion", help="cohort, features and runs (reused when present)")
     ap.add_argument("--reference", default="auto", help="the model the report compares the others with (eval_reference); "
                     "auto: csmil_joint when it is run, else the first of --models, so one new model's cells cost that model alone")
+    ap.add_argument("--train_recipe", default="shared", choices=("shared", "published"),
+                    help="train_recipe of every run; published: the heads from the field train with their authors' optimiser "
+                         "and their rows are named <model>[train_recipe=published] (outputs in out-published-seed<seed>)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
@@ -95,9 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         models = list(raw["eval_models"]) + list(raw["eval_transformer_models"]) + list(ABLATIONS)
     t = time.perf_counter()
     reference = reference_model(models, args.reference)
+    recipe = [] if args.train_recipe == "shared" else ["--train_recipe", args.train_recipe]
     reports = protocol_reports(work, seeds, args.splits, args.workers, args.bootstrap,
-                               [*cohort_overrides(args.cohort, args.patients), "--eval_models", json.dumps(models)], reference=reference)
+                               [*cohort_overrides(args.cohort, args.patients), "--eval_models", json.dumps(models), *recipe],
+                               tag="" if not recipe else f"{args.train_recipe}-", reference=reference)
     rows, ratios = summarise(reports)
+    if recipe:
+        rows = [dict(r, model=recipe_row_name(r["model"], args.train_recipe)) for r in rows]
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {seeds}, "
           f"{(time.perf_counter() - t) / 60:.1f} min; combined AUC = mean over seeds (per_seed lists them)")
     report("fusion", rows, ratios, args.json)
