@@ -158,3 +158,35 @@ def test_lesion_coverage_reads_the_tiling_cache_and_its_effect_is_a_rank_correla
     coverage = {f"s{i}": i / 10 for i in range(8)}
     effect = coverage_effect(slides, {"follows": {s: coverage[s] for s in slides}, "against": {s: -coverage[s] for s in slides}}, coverage)
     assert effect == {"follows": pytest.approx(1.0), "against": pytest.approx(-1.0)}
+
+
+def test_killing_a_benchmark_ends_its_bundle_command_too(tmp_path):
+    """``kill PID`` of a benchmark (SIGTERM) takes down the command it runs (``run_child``), which
+    ``subprocess.run`` left training alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; from scripts.benchmarks.common import run_child; "
+                               f"run_child([sys.executable, '-c', {child!r}], Path('.'))"], cwd=ROOT)
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    for _ in range(200):
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        raise AssertionError("the benchmark's child outlived it")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +28,30 @@ def large_slide(path: Path, size: int, downsamples: tuple[int, ...], seed: int) 
     img, _, _ = render_slide(1, DemoParams(size=2560), np.random.default_rng(seed))
     reps = -(-size // img.shape[0])
     return write_pyramid(path, np.tile(img, (reps, reps, 1))[:size, :size], mpp=0.5, downsamples=downsamples)
+
+
+def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` that takes its child down with it: a SIGTERM to the
+    benchmark (``kill PID``) or an exception ends the child too, instead of leaving a bundle command training alone."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _term(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _term) if main else None
+    try:
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if main:
+            signal.signal(signal.SIGTERM, before)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:
@@ -72,15 +99,13 @@ def protocol_reports(work: Path, seeds: list[int], splits: int, workers: int, bo
     evaluated models) on the cohort in ``work`` once per protocol seed, with ``overrides`` (cohort, task, models);
     returns each seed's ``report.json`` (outputs in ``out-<tag>seed<seed>``; the cohort and the caches are shared by
     every tag)."""
-    import subprocess
-
     root = Path(__file__).resolve().parents[2]
     t = time.perf_counter()
     reports = {}
     for seed in seeds:
         out = work / f"out-{tag}seed{seed}"
         cmd = protocol_command(work, seed, splits, workers, bootstrap, overrides, tag, reference)
-        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        r = run_child(cmd, root)
         if r.returncode != 0:
             raise SystemExit(r.stderr[-3000:])
         reports[seed] = json.loads((out / "report" / "report.json").read_text())

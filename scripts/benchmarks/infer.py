@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.benchmarks.common import large_slide, report
+from scripts.benchmarks.common import large_slide, report, run_child
 from scripts.features.encoders import feature_dim
 from scripts.mil.networks import CSMIL
 
@@ -46,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         slide = large_slide(work / f"slide_{size}.tif", size, (1, 2, 4, 8), seed=7)
         out = work / f"out_{size}"
         t = time.perf_counter()
-        r = subprocess.run(
+        r = run_child(
             [sys.executable, "-c", _LAUNCH, "run", "inference", "--config_file", "configs/inference.yaml", "--input", str(slide),
              "--output_dir", str(out), "--ckpt_path", str(ckpt), "--encoder_arch", args.arch, "--mil_model", "csmil", "--progress", "False"],
-            cwd=ROOT, capture_output=True, text=True,
+            ROOT,
         )
         wall = time.perf_counter() - t
         if r.returncode != 0:
