@@ -144,6 +144,9 @@ def test_markdown_tables_follow_the_paper_layout():
     assert "deepattnmisl_20x" in t1 and "| csmil |" in t1 and "csmil_shared_tanh" not in t1
     assert "## Table 3" in md and "| csmil_shared_tanh |" in md.split("## Table 3")[1]
     assert "## Table 4" not in md
+    assert "hyper-parameters, its checkpoint" in md  # the shared recipe: nothing to say
+    rep["protocol"]["train_recipe"] = "published"
+    assert "hyper-parameters (train_recipe published: each head from the field with the optimiser its authors published)" in report.render_markdown(rep)
 
 
 def test_external_test_set_is_scored_by_the_ensemble_of_split_models(tmp_path, monkeypatch):

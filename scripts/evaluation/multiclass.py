@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa
 
 from scripts.evaluation import stats
 from scripts.evaluation.report import (against_reference, bootstrap_table, envelope, environment_lines, localisation_table, mean_localisation,
-                                       pooled_scores, selection_text)
+                                       pooled_scores, recipe_text, selection_text)
 
 
 def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -115,7 +115,7 @@ def render_multiclass(report: dict) -> str:
     kappa_col = p.get("ordinal")
     lines = ["# CS-MIL evaluation report: " + f"{len(classes)} classes ({', '.join(classes)})", "",
              f"Protocol: {p['num_splits']} patient-level splits stratified by class ({p['mode'].replace('_', ' ')}); every model trained "
-             f"with the same splits and hyper-parameters, {selection_text(p)}. 'mean ± sd' is over splits; "
+             f"with the same splits and hyper-parameters{recipe_text(p)}, {selection_text(p)}. 'mean ± sd' is over splits; "
              f"'combined' pools the test predictions, with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s for "
              "the 95% CIs. AUC is one-vs-rest; macro = the mean over classes.", "", *environment_lines(p),
              "## Models", "",

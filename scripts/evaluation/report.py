@@ -225,6 +225,14 @@ def selection_text(protocol: Mapping[str, Any], default: str = "val_loss") -> st
     return f"its checkpoint chosen by {SELECTION_TEXT.get(key, key)}"
 
 
+def recipe_text(protocol: Mapping[str, Any]) -> str:
+    """The training recipe in words after "hyper-parameters" (``protocol["train_recipe"]``): nothing for the shared
+    recipe (every model: the same optimiser), the exception for ``published``."""
+    if protocol.get("train_recipe", "shared") == "shared":
+        return ""
+    return " (train_recipe published: each head from the field with the optimiser its authors published)"
+
+
 def environment_lines(protocol: Mapping[str, Any]) -> list[str]:
     """The report's software line (``protocol["environment"]``, :func:`scripts.environment.environment`)."""
     env = protocol.get("environment")
@@ -241,7 +249,7 @@ def render_markdown(report: dict, figures: Sequence[str] = ("roc.png", "pr.png",
     lines = [
         "# CS-MIL evaluation report", "",
         f"Protocol: {p['num_splits']} patient-level splits ({p['mode'].replace('_', ' ')}); every model trained with the same splits "
-        f"and hyper-parameters, {selection_text(p)}, test slides scored with {p.get('test_bags', 'R')} random bags. "
+        f"and hyper-parameters{recipe_text(p)}, {selection_text(p)}, test slides scored with {p.get('test_bags', 'R')} random bags. "
         f"'mean ± sd' is over splits; 'combined' is the {combined_what}, with {p['bootstrap_resamples']} bootstrap resamples "
         f"of {p['bootstrap_unit']}s (seed {p['seed']}) for the 95% CIs.", "", *environment_lines(p),
     ]

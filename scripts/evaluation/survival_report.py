@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from scripts.evaluation.report import (against_reference, bootstrap_table, envelope, environment_lines, localisation_table, mean_localisation,
-                                       pooled_scores, selection_text)
+                                       pooled_scores, recipe_text, selection_text)
 from scripts.evaluation.stats import _resample_indices, paired_summary
 from scripts.tasks.survival import concordance, stratified_concordance
 
@@ -121,7 +121,7 @@ def render_survival(report: dict) -> str:
     p = report["protocol"]
     lines = ["# CS-MIL evaluation report: survival", "",
              f"Protocol: {p['num_splits']} patient-level splits stratified by event ({p['mode'].replace('_', ' ')}); every model trained "
-             f"with the same splits and hyper-parameters (discrete-time likelihood), {selection_text(p, 'val_cindex')}. "
+             f"with the same splits and hyper-parameters{recipe_text(p)} (discrete-time likelihood), {selection_text(p, 'val_cindex')}. "
              "c-index: Harrell's concordance of the predicted risk (lifelines); 'mean ± sd' over splits, 'combined' on the pooled test "
              f"predictions with {p['bootstrap_resamples']} bootstrap resamples of {p['bootstrap_unit']}s. "
              + ("Each split's model scores its own test slides on its own risk scale, so 'combined' counts only the pairs of slides "

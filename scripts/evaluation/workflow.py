@@ -63,6 +63,7 @@ def evaluate(
     )
     protocol = {"models": [v.name for v in variants], "test_bags": test_bags, "val_fraction": val_fraction, "workers": workers,
                 "train_overrides": {k: str(v) for k, v in (train_overrides or {}).items()},
+                "train_recipe": str(config.get("train_recipe", "shared")),
                 "selection_metric": _selection_metric(result), "environment": environment()}
     if task == "survival":
         from scripts.evaluation.survival_report import build_survival_report
