@@ -96,7 +96,8 @@ def test_other_errors_keep_their_logged_traceback(monkeypatch):
 
 def test_training_config_puts_one_line_errors_and_the_loss_guard_first():
     cfg = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())
-    assert cfg["train"]["every_rank"] == "$[@train#errors, @train#loss_guard, @train#validation]"
+    assert cfg["train"]["every_rank"] == ("$[@train#errors, @train#loss_guard] + ([@train#schedule] if @lr_schedule is not None else [])"
+                                          " + [@train#validation]")  # a recipe's schedule steps before validation
     assert cfg["train"]["errors"]["_target_"] == "scripts.workflows.handlers.OneLineErrors"
     assert cfg["train"]["loss_guard"] == {"_target_": "scripts.workflows.handlers.LossGuard", "learning_rate": "@learning_rate",
                                           "num_classes": "@num_outputs"}  # chance loss: ln K
