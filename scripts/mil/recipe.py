@@ -48,9 +48,9 @@ class TrainingRecipe:
     """
 
     name: str
-    optimizer: str = "Adam"
-    learning_rate: float = 5e-4
-    weight_decay: float = 1e-4
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
     groups: Tuple[ParamGroup, ...] = field(default_factory=tuple)
     decoupled_decay: bool = False
     no_decay_on_1d: bool = False
