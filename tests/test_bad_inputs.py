@@ -577,6 +577,18 @@ def case_training_diverged(tmp):
     engine.run([0, 1], max_epochs=2)
 
 
+def case_training_diverged_published_recipe(tmp):
+    from ignite.engine import Engine
+
+    from scripts.mil.recipe import TRANSMIL
+    from scripts.workflows.handlers import LossGuard
+
+    # a head on its published recipe: --learning_rate does not set its rate, so the fix must not name it alone
+    engine = Engine(lambda e, b: {"loss": float("nan")})
+    LossGuard(learning_rate=5e-4, recipe=TRANSMIL).attach(engine)
+    engine.run([0, 1], max_epochs=2)
+
+
 def case_disk_full(tmp):
     import errno
     from unittest import mock
@@ -665,6 +677,7 @@ CASES = {
     "slide_is_a_picture": (case_slide_is_a_picture, "is a JPEG picture, not a whole-slide image"),
     "slide_metadata_mpp_implausible": (case_slide_metadata_mpp_implausible, "metadata says 0.01 µm/px, outside the plausible range"),
     "training_diverged": (case_training_diverged, "training diverged"),
+    "training_diverged_published_recipe": (case_training_diverged_published_recipe, "training diverged"),
     "disk_full": (case_disk_full, "no space left on the device while writing 'predictions.csv'"),
 }
 

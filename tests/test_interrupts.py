@@ -100,7 +100,7 @@ def test_training_config_puts_one_line_errors_and_the_loss_guard_first():
                                           " + [@train#validation]")  # a recipe's schedule steps before validation
     assert cfg["train"]["errors"]["_target_"] == "scripts.workflows.handlers.OneLineErrors"
     assert cfg["train"]["loss_guard"] == {"_target_": "scripts.workflows.handlers.LossGuard", "learning_rate": "@learning_rate",
-                                          "num_classes": "@num_outputs"}  # chance loss: ln K
+                                          "num_classes": "@num_outputs", "recipe": "@recipe"}  # chance loss: ln K; the rate's source
     assert cfg["validate"]["handlers"][0] == "@validate#errors"
     assert cfg["validate"]["checkpoint"]["_target_"] == "scripts.workflows.handlers.AtomicCheckpointSaver"
 

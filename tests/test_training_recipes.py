@@ -124,8 +124,10 @@ def test_published_recipe_trains_with_its_schedule_in_the_bundle(trained, tmp_pa
     opt = w.parser.get_parsed_content("optimizer")
     sched = w.parser.get_parsed_content("lr_schedule")
     resume = w.parser.get_parsed_content("train#resume")
+    guard = w.parser.get_parsed_content("train#loss_guard")
     w.finalize()
     assert type(opt) is torch.optim.AdamW and isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR)
     assert sched.last_epoch == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
     assert resume.objects["schedule"] is sched
+    assert guard.recipe.optimizer == "AdamW" and "published recipe" in guard._fix()  # a divergence names the recipe's rate
     assert (tmp_path / "models" / "model.pt").is_file()

@@ -88,13 +88,17 @@ class LossGuard:
       uniform guess over ``num_classes``: ln 2 = 0.69 for two classes, so the default stops above 69, where the
       weights have exploded: ``--learning_rate 1e6`` reaches 1e22 in the first epoch).
 
-    The message names the epoch and ``learning_rate``, the usual cause. Attach before the validation handler so
-    that a diverged epoch is never validated or checkpointed.
+    The message names the epoch and the learning rate, the usual cause: ``learning_rate`` under the shared recipe,
+    or, given the ``recipe`` a head trains with (``train_recipe: published``), that recipe's rate, which
+    ``--learning_rate`` does not change. Attach before the validation handler so that a diverged epoch is never
+    validated or checkpointed.
     """
 
     def __init__(self, learning_rate: float | None = None, num_classes: int = 2, max_loss_factor: float = 100.0,
-                 output_transform=lambda out: out[0]["loss"] if isinstance(out, list) else out["loss"]) -> None:
+                 output_transform=lambda out: out[0]["loss"] if isinstance(out, list) else out["loss"],
+                 recipe=None) -> None:
         self.learning_rate = learning_rate
+        self.recipe = recipe
         self.chance_loss = math.log(max(int(num_classes), 2))
         self.max_loss = float(max_loss_factor) * self.chance_loss
         self.output_transform = output_transform
@@ -109,8 +113,12 @@ class LossGuard:
         self._sum, self._count = 0.0, 0
 
     def _fix(self) -> str:
+        tail = "; if it persists, check the feature store for NaN/Inf (extract again)"
+        if self.recipe is not None and self.recipe.name != "shared":
+            return (f"the model trains with its published recipe ({self.recipe.describe()}), which --learning_rate does not "
+                    f"change: train with --train_recipe shared and a --learning_rate that converges{tail}")
         lr = "" if self.learning_rate is None else f" (now {self.learning_rate:g})"
-        return f"lower --learning_rate{lr}, e.g. by 10x; if it persists, check the feature store for NaN/Inf (extract again)"
+        return f"lower --learning_rate{lr}, e.g. by 10x{tail}"
 
     def __call__(self, engine: Engine) -> None:
         from scripts.errors import BundleInputError
