@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 from scripts.cache import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from scripts.mil.recipe import TrainingRecipe
 
 logger = logging.getLogger("csmil.training")
 
@@ -96,7 +99,7 @@ class LossGuard:
 
     def __init__(self, learning_rate: float | None = None, num_classes: int = 2, max_loss_factor: float = 100.0,
                  output_transform=lambda out: out[0]["loss"] if isinstance(out, list) else out["loss"],
-                 recipe=None) -> None:
+                 recipe: TrainingRecipe | None = None) -> None:
         self.learning_rate = learning_rate
         self.recipe = recipe
         self.chance_loss = math.log(max(int(num_classes), 2))
