@@ -147,6 +147,16 @@ def test_evaluation_runs_train_with_the_commands_own_config():
     assert "train#trainer" not in config and "trainer" in config["train"]
     key = run_config_key(config)
     assert "max_epochs" in key and not [k for k in key if k.startswith("eval_") or k in ("output_dir", "progress")]
+    # the guard's and the error handlers' settings are not in the key (an edit of them reuses finished runs); what
+    # trains is (the trainer, the logging handler list a user may extend), and the config itself is left whole
+    assert "loss_guard" not in key["train"] and "errors" not in key["validate"] and "trainer" in key["train"]
+    assert "handlers" in key["train"] and "loss_guard" in config["train"]
+    from scripts.cache import stable_hash
+
+    edited = {**config, "train": {**config["train"], "loss_guard": {**config["train"]["loss_guard"], "recipe": "other"}}}
+    assert stable_hash(run_config_key(edited)) == stable_hash(key)
+    longer = {**config, "train": {**config["train"], "trainer": {**config["train"]["trainer"], "max_epochs": 4}}}
+    assert stable_hash(run_config_key(longer)) != stable_hash(key)
     raw = _raw(EVALUATE_CONFIG)
     assert raw["evaluate"]["seed"] == "@eval_seed" and raw["eval_seed"] == "@seed"
     assert "current_config()" in raw["evaluate"]["config"] and raw["evaluate"]["entries"] == "@datalist"

@@ -41,9 +41,23 @@ RUN_INDEPENDENT = ("output_dir", "ckpt_dir", "log_dir", "progress", "num_workers
                    "train_overrides", "ablation_id", "ablation_values", "ablation_models")
 
 
+#: nested ids (``section#item``) that only report or guard and do not change what a finished run trains: the
+#: one-line error handlers, the divergence guard (it stops a run or leaves it untouched; only finished runs are
+#: cached) and the MLflow artefact upload. ``train#handlers`` is not among them: a user may add a handler there
+#: that changes training (early stopping).
+RUN_NEUTRAL_ITEMS = ("train#errors", "train#loss_guard", "train#artifacts", "validate#errors")
+
+
 def run_config_key(config: Mapping[str, Any]) -> dict:
-    """The part of a raw config a run's result depends on (for the run cache's key)."""
-    return {k: v for k, v in config.items() if k not in RUN_INDEPENDENT and not k.startswith("eval_")}
+    """The part of a raw config a run's result depends on (for the run cache's key): the config without
+    :data:`RUN_INDEPENDENT`, the ``eval_*`` ids and :data:`RUN_NEUTRAL_ITEMS`, so an edit of a message or of the
+    guard reuses the finished runs."""
+    key = {k: v for k, v in config.items() if k not in RUN_INDEPENDENT and not k.startswith("eval_")}
+    for path in RUN_NEUTRAL_ITEMS:
+        section, item = path.split("#")
+        if isinstance(key.get(section), Mapping) and item in key[section]:
+            key[section] = {k: v for k, v in key[section].items() if k != item}
+    return key
 
 
 @dataclass(frozen=True)
