@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -60,6 +61,35 @@ def test_fusion_benchmark_names_published_recipe_rows_as_the_protocol_s_ablation
     assert recipe_row_name("transmil_concat", "published") == ablation == "transmil_concat[train_recipe=published]"
     assert recipe_row_name("dsmil", "published") == "dsmil"  # no recipe of its own: the shared run
     assert recipe_row_name("transmil_concat", "shared") == "transmil_concat"
+
+
+def test_fusion_record_merges_cells_into_the_rule_file_the_rule_reads(tmp_path):
+    """--record puts each model's combined AUC per seed into the rule's evidence file (new cells and grid entries,
+    a re-measured cell replaced, other models kept); model_choice reads the result; a file of another form and the
+    published recipe are refused."""
+    from scripts.benchmarks.fusion import main, record_cells
+    from scripts.evaluation.model_choice import choose_default
+
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({"about": "x", "grid": ["clean-100/seed0"], "auc": {"dsmil": {"clean-100/seed0": 0.884}}}))
+    reports = {s: {"models": {"monai_att_trans_concat": {"combined": {"auc": a}}, "dsmil": {"combined": {"auc": 0.9}}}}
+               for s, a in ((0, 0.91234), (1, 0.5))}
+    written = record_cells(rule, "clean", 100, reports)
+    data = json.loads(rule.read_text())
+    assert data["about"] == "x" and data["grid"] == ["clean-100/seed0", "clean-100/seed1"]
+    assert data["auc"]["monai_att_trans_concat"] == {"clean-100/seed0": 0.912, "clean-100/seed1": 0.5}
+    assert data["auc"]["dsmil"] == {"clean-100/seed0": 0.9, "clean-100/seed1": 0.9}
+    assert ("monai_att_trans_concat", "clean-100/seed0", 0.912) in written and len(written) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name != "rule.json"]  # written through a temporary name
+    chosen, rows = choose_default(data["auc"], data["grid"], {"dsmil": 1, "monai_att_trans_concat": 2})
+    assert chosen == "dsmil" and [(r["model"], r["cells"]) for r in rows] == [("dsmil", 2), ("monai_att_trans_concat", 2)]
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"rows": {}}))
+    with pytest.raises(SystemExit, match="other.json: not a default-model rule file"):
+        record_cells(bad, "clean", 100, reports)
+    with pytest.raises(SystemExit):
+        main(["--record", str(rule), "--train_recipe", "published", "--models", "dsmil"])
+    assert json.loads(rule.read_text()) == data
 
 
 def test_tasks_summary_of_survival_reports_keeps_the_pooled_c_index():

@@ -64,6 +64,30 @@ def summarise(reports: dict[int, dict]) -> tuple[list[dict], dict[str, float]]:
     return rows, ratios
 
 
+def record_cells(path: Path, cohort: str, patients: int, reports: dict[int, dict]) -> list[tuple[str, str, float]]:
+    """Merge each model's combined AUC per protocol seed into the default-model rule's evidence file ``path``
+    (``{"grid": [...], "auc": {model: {"<cohort>-<patients>/seed<s>": auc}}}``, as ``docs/data/colocation_protocol.json``;
+    created when missing), rounded to 3 decimals and written atomically; a cell already recorded is replaced.
+    Returns the (model, cell, auc) written."""
+    from scripts.cache import atomic_write_bytes
+
+    data = json.loads(path.read_text()) if path.is_file() else {"grid": [], "auc": {}}
+    if not isinstance(data.get("auc"), dict) or not isinstance(data.get("grid"), list):
+        raise SystemExit(f"{path}: not a default-model rule file (it needs 'grid' and 'auc', as docs/data/colocation_protocol.json); "
+                         "fix: pass --record with that file or a new path")
+    written = []
+    for seed, rep in sorted(reports.items()):
+        cell = f"{cohort}-{patients}/seed{seed}"
+        if cell not in data["grid"]:
+            data["grid"].append(cell)
+        for name, metrics in rep["models"].items():
+            auc = round(float(metrics["combined"]["auc"]), 3)
+            data["auc"].setdefault(name, {})[cell] = auc
+            written.append((name, cell, auc))
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+    return written
+
+
 def recipe_row_name(model: str, train_recipe: str) -> str:
     """A row's name under ``train_recipe``: ``<model>[train_recipe=<recipe>]`` for a model with a recipe of its own
     (the name the protocol's ablation ids give the same run), the plain name for a model that trains as under shared."""
@@ -96,7 +120,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="train_recipe of every run; published: the heads from the field train with their authors' optimiser "
                          "and their rows are named <model>[train_recipe=published] (outputs in out-published-seed<seed>)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--record", default=None, help="merge every model's combined AUC per seed into this default-model rule "
+                    "file (docs/data/colocation_protocol.json: python -m scripts.evaluation.model_choice reads it); "
+                    "shared recipe only, the rule's evidence")
     args = ap.parse_args(argv)
+    if args.record and args.train_recipe != "shared":
+        ap.error("--record takes the shared recipe's cells only (the rule ranks models under one recipe, not recipes); "
+                 "fix: keep the published rows with --json")
     work = Path(args.workdir).resolve() / f"{args.cohort}-{args.patients}"
     seeds = [int(x) for x in args.seeds.split(",")]
     models = None if args.models == "all" else args.models.split(",")
@@ -117,3 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cohort {args.cohort} ({args.patients} patients), {args.splits} splits x seeds {seeds}, "
           f"{(time.perf_counter() - t) / 60:.1f} min; combined AUC = mean over seeds (per_seed lists them)")
     report("fusion", rows, ratios, args.json)
+    if args.record:
+        cells = record_cells(Path(args.record), args.cohort, args.patients, reports)
+        print(f"recorded {len(cells)} cells in {args.record}: " + ", ".join(f"{m} {c} {a:.3f}" for m, c, a in cells))
