@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,41 @@ def test_extraction_skips_a_slide_that_fails_while_reading(tiny_demo, tmp_path, 
     from scripts.errors import find_input_error
 
     assert find_input_error(err.value).path == bad
+
+
+def test_extraction_skips_a_slide_whose_stain_views_fail(tiny_demo, tmp_path, monkeypatch):
+    """A slide whose features are cached but whose stain views fail (its file was truncated since) is left out with
+    on_error='skip' and recorded, as a slide whose features fail: training reads every returned entry's views."""
+    import dataclasses
+    import shutil
+
+    monkeypatch.setattr(failures, "_FAILURES", [])
+    monkeypatch.setattr(failures, "_HOOKED", True)
+    from test_stain_views import KEYS, _chain
+
+    from scripts.features.encoders import build_scale_encoders
+    from scripts.features.extraction import extract_cohort
+    from scripts.features.stain_views import stain_views, views_path
+    from scripts.workflows.stages import prepare_cohort
+    from scripts.wsi.tiling import TilingParams
+
+    records = read_manifest(tiny_demo)
+    copy = tmp_path / Path(records[1].path).name
+    shutil.copyfile(records[1].path, copy)
+    records[1] = dataclasses.replace(records[1], path=str(copy))
+    up = prepare_cohort(records, tmp_path / "cache", TilingParams(max_patches=8, seed=0), progress=False)
+    encoders = build_scale_encoders("tiny", 3)
+    kwargs = dict(batch_size=8, progress=False, output_dir=tmp_path)
+    first = extract_cohort(up["records"], up["tiles"], tmp_path / "store", encoders, "tiny", _chain(), KEYS, {"v": 1}, **kwargs)
+    assert len(first) == len(records)
+    copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 3])  # the slide goes bad after its features were cached
+    spec = stain_views(2)
+    entries = extract_cohort(up["records"], up["tiles"], tmp_path / "store", encoders, "tiny", _chain(), KEYS, {"v": 1},
+                             on_error="skip", stain_views=spec, **kwargs)
+    assert [e.slide_id for e in entries] == [r.slide_id for r in records if r.path != str(copy)]
+    assert all(views_path(e.path, spec).is_file() for e in entries)
+    assert not views_path(first[1].path, spec).exists()
+    assert [(f["stage"], f["slide_id"]) for f in failures.failures()] == [("extract", records[1].slide_id)]
 
 
 def _train_cmd(data, out, epochs):

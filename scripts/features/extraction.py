@@ -125,7 +125,8 @@ def extract_cohort(
     ``<output_dir>/failures.csv``; the entries of the other slides are returned. ``preprocessing`` (what the store
     hashes about the patch transforms) defaults to :func:`transform_signature` of ``transform``. With
     ``stain_views`` every returned entry also gets its stain-augmented views (:mod:`scripts.features.stain_views`),
-    encoded for the entries that lack them.
+    encoded for the entries that lack them; a slide whose views fail is skipped (``on_error='skip'``) like one whose
+    features fail.
     """
     from scripts.workflows.failures import check_policy
 
@@ -159,6 +160,9 @@ def extract_cohort(
     if stain_views is not None:
         _extract_views(entries, {str(t): Path(d) for t, d in zip(targets, tiles_dirs)}, stain_views, encoders, transform, scale_keys,
                        batch_size, num_workers, device, progress, on_error, output_dir, stats)
+        # with on_error='skip' a slide whose views failed (recorded in failures.csv) is left out like a slide whose
+        # features failed: training reads every returned entry's views
+        entries = [e for e in entries if views_path(e.path, stain_views).is_file()]
     return entries
 
 
