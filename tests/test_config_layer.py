@@ -436,6 +436,35 @@ def test_the_trained_model_builds_everything_from_the_checkpoint(tmp_path, caplo
     assert "no training contract" in caplog.text and old.mil_model == "csmil" and old.tiling().patch_size == 256
 
 
+def test_the_trained_model_reads_its_checkpoint_once_and_a_replaced_one_again(tmp_path, monkeypatch):
+    """The contract and the weights come from one read of model.pt; a file replaced after the settings were read
+    (new weights) is read again, so the weights are never stale."""
+    import torch
+
+    from scripts.checkpoint import contract
+    from scripts.checkpoint.trained import TrainedModel
+    from scripts.mil.registry import build_model
+
+    recorded = pipeline_parser({"num_clusters": 4, "mil_model": "dsmil", "patch_size": 128}).get_parsed_content("model_contract")
+    nets = [contract.attach(build_model("dsmil", in_features=128, num_clusters=4), recorded) for _ in range(2)]
+    with torch.no_grad():
+        next(nets[1].parameters()).add_(1.0)  # other weights
+    ckpt = tmp_path / "model.pt"
+    torch.save(nets[0].state_dict(), ckpt)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(contract.torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    t = TrainedModel(ckpt)
+    net = t.network()
+    assert reads == [ckpt] and t.num_clusters == 4
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), nets[0].state_dict().values()))
+    t = TrainedModel(ckpt)
+    torch.save(nets[1].state_dict(), tmp_path / "new.pt")
+    (tmp_path / "new.pt").replace(ckpt)  # another training wrote model.pt in between
+    net = t.network()
+    assert len(reads) == 3 and all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), nets[1].state_dict().values()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,config,args,start", [
     ("inference", "inference", ["--num_bags", "0"], "error: --num_bags"),

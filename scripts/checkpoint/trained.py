@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from scripts.checkpoint import contract as contracts
+from scripts.errors import BundleInputError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class TrainedModel:
 
     def __init__(self, ckpt_path: str | Path, overrides: Mapping[str, Any] | None = None) -> None:
         self.ckpt_path = Path(ckpt_path)
-        self.contract = contracts.read_file(self.ckpt_path) if self.ckpt_path.is_file() else None
+        self._state: tuple[tuple[int, int], dict] | None = None  # (file stamp, state dict): the weights read once
+        self.contract = self._read_contract()
         stored = {k: v for k, v in (self.contract or {}).items() if k in contracts.DEFAULTS}
         overrides = {k: v for k, v in (overrides or {}).items() if k in contracts.DEFAULTS}
         if self.contract is None and self.ckpt_path.is_file():
@@ -40,6 +42,23 @@ class TrainedModel:
                         ", ".join(f"{k}={contracts._cli(v)}" for k, v in stored.items()))
         self.overrides = overrides
         self.settings: dict[str, Any] = {**contracts.DEFAULTS, **stored, **overrides}
+
+    def _stamp(self) -> tuple[int, int]:
+        st = self.ckpt_path.stat()
+        return st.st_mtime_ns, st.st_size
+
+    def _read_contract(self) -> dict | None:
+        """The checkpoint's contract (None: no file, an unreadable one, or one from before 0.12.0); the state dict
+        read for it is kept for :meth:`network`, so the file is read once."""
+        if not self.ckpt_path.is_file():
+            return None
+        try:
+            stamp = self._stamp()
+            state = contracts.read_checkpoint(self.ckpt_path)
+        except BundleInputError:  # network() reports it with the fix
+            return None
+        self._state = (stamp, state)
+        return contracts.read(state)
 
     def __getattr__(self, name: str) -> Any:
         settings = self.__dict__.get("settings", {})
@@ -95,7 +114,9 @@ class TrainedModel:
         as ``network.csmil_contract``. A missing file says to train first."""
         from scripts.inference.predict import load_network
 
-        return load_network(self.network_def(), self.ckpt_path, device)
+        kept, self._state = self._state, None
+        state = kept[1] if kept is not None and self.ckpt_path.is_file() and self._stamp() == kept[0] else None  # unchanged file
+        return load_network(self.network_def(), self.ckpt_path, device, state=state)
 
     def encoders(self) -> list[torch.nn.Module]:
         """The patch encoder of each scale, as extraction built them for training (built once per object)."""

@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_network(network: torch.nn.Module, ckpt_path: str | Path, device: str | torch.device = "cpu",
-                 contract: Mapping[str, Any] | None = None) -> torch.nn.Module:
+                 contract: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Load a MIL checkpoint (``weights_only=True``) into ``network``; mismatches are listed. With ``contract``
     (the command's settings, :func:`scripts.checkpoint.contract.make_contract`), settings that differ from those the
-    checkpoint was trained with are refused first; the checkpoint's contract is kept as ``network.csmil_contract``."""
+    checkpoint was trained with are refused first; the checkpoint's contract is kept as ``network.csmil_contract``.
+    ``state``: the file's state dict when the caller has read it already (it is not read again)."""
     ckpt_path = Path(ckpt_path)
-    state = contracts.read_checkpoint(ckpt_path)
+    state = contracts.read_checkpoint(ckpt_path) if state is None else state
     stored = contracts.read(state)
     if contract is not None:
         contracts.check_settings(stored, contract, ckpt_path)
