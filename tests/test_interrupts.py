@@ -58,7 +58,9 @@ def test_importing_the_bundle_elsewhere_keeps_python_s_ctrl_c():
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def _engine_raising(exc: BaseException) -> tuple[BaseException, list[logging.LogRecord]]:
+def _engine_raising(exc: BaseException, ignite_said: list[str] | None = None) -> tuple[BaseException, list[logging.LogRecord]]:
+    """Run an engine whose step raises ``exc``: what it raised and the records logged with a traceback;
+    ``ignite_said`` receives the messages of the engine's own logger (ignite's "terminating due to exception")."""
     from monai.handlers import StatsHandler
 
     from scripts.workflows.handlers import OneLineErrors
@@ -70,24 +72,32 @@ def _engine_raising(exc: BaseException) -> tuple[BaseException, list[logging.Log
     records: list[logging.LogRecord] = []
     catcher = logging.Handler()
     catcher.emit = records.append  # StatsHandler's logger does not propagate to caplog
+    own = logging.Handler()
+    own.emit = lambda r: ignite_said.append(r.getMessage()) if ignite_said is not None else None
     stats.logger.addHandler(catcher)
+    engine.logger.addHandler(own)
     try:
         with pytest.raises(BaseException) as raised:
             engine.run([0], max_epochs=1)
     finally:
         stats.logger.removeHandler(catcher)
+        engine.logger.removeHandler(own)
     return raised.value, [r for r in records if r.exc_info]
 
 
 @pytest.mark.parametrize("exc", [BundleInputError("x.csv", "bad", "fix it"), SystemExit(130), KeyboardInterrupt()])
 def test_bad_input_and_interrupts_are_not_logged_with_a_traceback(exc):
-    raised, logged = _engine_raising(exc)
+    said: list[str] = []
+    raised, logged = _engine_raising(exc, said)
     assert raised is exc and logged == []
+    assert not [m for m in said if "terminating due to exception" in m]  # not ignite's "... due to exception: 130" either
 
 
 def test_other_errors_keep_their_logged_traceback(monkeypatch):
-    raised, logged = _engine_raising(ValueError("a bug"))
+    said: list[str] = []
+    raised, logged = _engine_raising(ValueError("a bug"), said)
     assert isinstance(raised, ValueError) and len(logged) >= 1
+    assert "Engine run is terminating due to exception: a bug" in said
     monkeypatch.setattr(sys, "argv", [*sys.argv, "--debug"])
     exc = BundleInputError("x.csv", "bad", "fix it")
     raised, logged = _engine_raising(exc)

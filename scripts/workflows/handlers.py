@@ -144,6 +144,28 @@ class LossGuard:
                 self._fix())
 
 
+def _one_line_exception(e: BaseException | None) -> bool:
+    """An interrupt (SystemExit, KeyboardInterrupt) or bad input: what the command reports in one line."""
+    from scripts.errors import BundleInputError, exception_chain
+
+    return e is not None and (not isinstance(e, Exception) or any(isinstance(c, BundleInputError) for c in exception_chain(e)))
+
+
+class _QuietTermination(logging.Filter):
+    """Drops ignite's ``Engine run is terminating due to exception: ...`` record (logged before any handler runs)
+    for the exceptions :class:`OneLineErrors` passes to the command's one line: after Ctrl-C it read
+    ``... due to exception: 130``. Other errors, and every error with ``--debug``, keep it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        from scripts.errors import debug
+
+        if "is terminating due to exception" not in record.getMessage():
+            return True
+        return debug() or not _one_line_exception(sys.exc_info()[1])  # logged inside ignite's except block
+
+
 class OneLineErrors:
     """First ``EXCEPTION_RAISED`` handler of an engine: bad input, a full disk and an interrupt propagate at
     once, so MONAI's ``StatsHandler`` does not log a traceback around the one line the command prints
@@ -160,12 +182,14 @@ class OneLineErrors:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+        if not any(isinstance(f, _QuietTermination) for f in engine.logger.filters):
+            engine.logger.addFilter(_QuietTermination())
 
     def __call__(self, engine: Engine, e: BaseException) -> None:
-        from scripts.errors import BundleInputError, debug, disk_full_error, exception_chain, is_disk_full
+        from scripts.errors import debug, disk_full_error, exception_chain, is_disk_full
 
         others = len(engine._event_handlers.get(Events.EXCEPTION_RAISED, [])) > 1  # noqa: SLF001 - ignite has no public count
-        if not isinstance(e, Exception) or any(isinstance(c, BundleInputError) for c in exception_chain(e)):
+        if _one_line_exception(e):
             if debug() and others:
                 return  # --debug: StatsHandler logs the traceback (and raises)
             raise e  # an interrupt (SystemExit, KeyboardInterrupt) or bad input: one line, printed by the command
