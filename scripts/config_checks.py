@@ -61,6 +61,7 @@ RULES: dict[str, Rule] = {
     "seed": _int("random seed", 0),
     "num_workers": _int("DataLoader worker processes", 0),
     "progress": Rule("bool", "progress bars"),
+    "flush_denormal": Rule("bool", "flush denormal floats to zero in CPU arithmetic (speed; no effect on GPUs)"),
     "on_error": Rule("choice", "what a bad slide does", choices=POLICIES),
     "device": Rule("device", "torch device (cpu, cuda, cuda:N)"),
     # prepare

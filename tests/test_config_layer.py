@@ -314,6 +314,24 @@ def test_every_tunable_has_a_rule_and_is_checked():
     assert rules_table() in docs  # the documented table is the code's
 
 
+def test_flush_denormal_is_set_where_the_network_is_built():
+    """flush_denormal (default true) switches torch's CPU denormal flushing when the network is built, so every
+    protocol run and worker gets it; false keeps denormals; inference sets it before loading the model."""
+    import torch
+
+    small = torch.tensor([1e-30])  # normal; times 1e-10 it is a denormal (kept) or zero (flushed)
+    try:
+        for value, flushed in ((None, True), (False, False)):
+            torch.set_flush_denormal(not flushed)
+            pipeline_parser({} if value is None else {"flush_denormal": value}).get_parsed_content("network_def")
+            assert ((small * 1e-10).item() == 0.0) == flushed
+    finally:
+        torch.set_flush_denormal(False)
+    raw = _raw(INFERENCE_CONFIG)
+    assert raw["flush_denormal"] is True and "$torch.set_flush_denormal(@flush_denormal)" in raw["initialize"]
+    assert raw["initialize"].index("$torch.set_flush_denormal(@flush_denormal)") < raw["initialize"].index("$@network")
+
+
 def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
     from scripts.config_checks import validate
 
