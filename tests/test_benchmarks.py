@@ -92,6 +92,27 @@ def test_fusion_record_merges_cells_into_the_rule_file_the_rule_reads(tmp_path):
     assert json.loads(rule.read_text()) == data
 
 
+def test_denormal_benchmark_plants_denormals_and_compares_flushing(tmp_path):
+    """The benchmark's model holds the planted denormals (|x| below float32's smallest normal, not zero), its
+    three rows and ratios come out, and torch's flushing is left off (its default) afterwards."""
+    import torch
+
+    from scripts.benchmarks.denormal import denormal_count, main, with_denormals
+    from scripts.mil.registry import build_model
+
+    net = build_model("monai_att_trans_20x", in_features=16, num_clusters=8)
+    planted = with_denormals(net, 0.05)
+    weights = sum(p.numel() for p in net.parameters() if p.dim() >= 2)
+    assert 0.03 * weights < planted < 0.07 * weights and denormal_count(net) == planted
+    main(["--features", "16", "--steps", "1", "--json", str(tmp_path / "d.json")])
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert [r["weights"] for r in out["rows"]] == ["denormals, flush_denormal off", "denormals, flush_denormal on",
+                                                    "zeroed, flush_denormal off"]
+    assert out["rows"][2]["denormal_weights"] == 0 and out["rows"][0]["denormal_weights"] > 0
+    assert set(out["ratios"]) == {"train_flush_vs_off", "infer_flush_vs_off", "train_flush_vs_zeroed"}
+    assert (torch.tensor([1e-30]) * 1e-10).item() != 0.0  # flushing off again
+
+
 def test_tasks_summary_of_survival_reports_keeps_the_pooled_c_index():
     from scripts.benchmarks.tasks import summarise as tasks_summarise
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from scripts.benchmarks import evaluate, extract, fusion, gpu_table, infer, loader, read, scaling, stain, startup, tasks, train
+from scripts.benchmarks import denormal, evaluate, extract, fusion, gpu_table, infer, loader, read, scaling, stain, startup, tasks, train
 
 BENCHMARKS = {"read": read.main, "extract": extract.main, "infer": infer.main, "train": train.main, "evaluate": evaluate.main, "scaling": scaling.main,
               "fusion": fusion.main, "startup": startup.main, "loader": loader.main,
-              "tasks": tasks.main, "gpu_table": gpu_table.main, "stain": stain.main}
+              "tasks": tasks.main, "gpu_table": gpu_table.main, "stain": stain.main, "denormal": denormal.main}
 
 
 def main() -> None:
