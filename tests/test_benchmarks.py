@@ -101,9 +101,14 @@ def test_denormal_benchmark_plants_denormals_and_compares_flushing(tmp_path):
     from scripts.mil.registry import build_model
 
     net = build_model("monai_att_trans_20x", in_features=16, num_clusters=8)
+    torch.set_flush_denormal(True)  # as after any network was built in this process: planting and counting still work
     planted = with_denormals(net, 0.05)
     weights = sum(p.numel() for p in net.parameters() if p.dim() >= 2)
     assert 0.03 * weights < planted < 0.07 * weights and denormal_count(net) == planted
+    torch.set_flush_denormal(False)
+    w = next(p for p in net.parameters() if p.dim() >= 2)
+    small = w[(w != 0) & (w.abs() < torch.finfo(torch.float32).tiny)]
+    assert small.numel() > 0 and small.abs().max() < torch.finfo(torch.float32).tiny  # true denormals, by value too
     main(["--features", "16", "--steps", "1", "--json", str(tmp_path / "d.json")])
     out = json.loads((tmp_path / "d.json").read_text())
     assert [r["weights"] for r in out["rows"]] == ["denormals, flush_denormal off", "denormals, flush_denormal on",

@@ -20,8 +20,16 @@ from scripts.mil.losses import MILLoss
 from scripts.mil.registry import build_model
 
 
+def _is_denormal(t: torch.Tensor) -> torch.Tensor:
+    """Denormal entries of a float32 tensor, read from the bits (exponent 0, mantissa not 0), so the answer does
+    not depend on whether torch is flushing denormals (which makes arithmetic read them as zero)."""
+    bits = t.detach().contiguous().view(torch.int32)
+    return ((bits & 0x7F800000) == 0) & ((bits & 0x007FFFFF) != 0)
+
+
 def with_denormals(net: torch.nn.Module, fraction: float, seed: int = 0) -> int:
-    """Set ``fraction`` of the entries of every weight matrix of ``net`` to random denormals; returns how many."""
+    """Set ``fraction`` of the entries of every weight matrix of ``net`` (float32) to random denormals, written as
+    bit patterns (no arithmetic, so flushing cannot zero them); returns how many."""
     g = torch.Generator().manual_seed(seed)
     count = 0
     with torch.no_grad():
@@ -29,17 +37,16 @@ def with_denormals(net: torch.nn.Module, fraction: float, seed: int = 0) -> int:
             if p.dim() < 2:
                 continue
             hit = torch.rand(p.shape, generator=g) < fraction
-            tiny = torch.finfo(p.dtype).tiny
-            # magnitudes in [tiny / 1024, tiny): denormal, built from normal numbers so flushing cannot zero the inputs
-            values = (torch.rand(p.shape, generator=g) * 0.999 + 0.001) * tiny
-            p[hit] = values[hit] * torch.where(torch.rand(p.shape, generator=g) < 0.5, -1.0, 1.0)[hit]
+            mantissa = torch.randint(1, 1 << 23, p.shape, generator=g, dtype=torch.int32)
+            sign = torch.where(torch.rand(p.shape, generator=g) < 0.5, torch.tensor(-(1 << 31), dtype=torch.int32),
+                               torch.tensor(0, dtype=torch.int32))
+            p.view(torch.int32)[hit] = (mantissa | sign)[hit]
             count += int(hit.sum())
     return count
 
 
 def denormal_count(net: torch.nn.Module) -> int:
-    tiny = torch.finfo(torch.float32).tiny
-    return sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in net.parameters())
+    return sum(int(_is_denormal(p).sum()) for p in net.parameters() if p.dtype == torch.float32)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             if state == "zeroed":
                 with torch.no_grad():
                     for p in net.parameters():
-                        p[(p != 0) & (p.abs() < torch.finfo(p.dtype).tiny)] = 0.0
+                        p[_is_denormal(p)] = 0.0
             torch.set_flush_denormal(flush)
             opt = torch.optim.Adam(net.parameters(), lr=0.0)  # lr 0: the weights (and their denormals) stay as planted
             loss_fn = MILLoss(net)
