@@ -328,7 +328,22 @@ def test_flush_denormal_is_set_where_the_network_is_built():
     finally:
         torch.set_flush_denormal(False)
     raw = _raw(INFERENCE_CONFIG)
-    assert raw["flush_denormal"] is True and "$torch.set_flush_denormal(@flush_denormal)" in raw["initialize"]
+    assert raw["flush_denormal"] is True and raw["initialize"][2] == "$torch.set_flush_denormal(@flush_denormal)"
+    assert _raw(PIPELINE_CONFIG)["initialize"][2] == "@cpu_numerics"  # right after the checks, before torch's threads start
+
+
+def test_flush_denormal_reaches_torch_s_threads_when_set_first():
+    """Set before torch's thread pool starts (the commands' initialize, the protocol's workers), flushing holds in
+    every thread: a parallel multiply of denormal inputs gives zeros everywhere (set late, only the calling thread's
+    share would be zero). In a fresh interpreter with two threads."""
+    code = ("import torch\n"
+            "from scripts.evaluation.protocol import _worker_init\n"
+            "_worker_init(2, True, True)\n"
+            "x = torch.full((1 << 22,), 1, dtype=torch.int32).view(torch.float32)\n"  # the smallest denormal
+            "print(int(torch.count_nonzero(x * 2.0)))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr[-2000:]
 
 
 def test_validation_accepts_the_defaults_and_refuses_bad_values(tmp_path):
@@ -551,7 +566,7 @@ def test_inference_refuses_other_encoders_before_encoding(tmp_path):
         contract.check_encoders(net, build_scale_encoders("tiny", 3, seed=5), "tiny", tmp_path / "model.pt")
     raw = _raw(INFERENCE_CONFIG)
     assert raw["network"] == "$@trained.checked_network(@device)"  # TrainedModel.checked_network: check_encoders
-    assert raw["initialize"][2] == "$@network"  # checked in initialize: before any slide is tiled or encoded
+    assert raw["initialize"][3] == "$@network"  # checked in initialize: before any slide is tiled or encoded
 
 
 def test_multi_gpu_training_wraps_the_single_process_network():

@@ -109,9 +109,10 @@ def _quiet(enabled: bool) -> Iterator[None]:
             lg.removeFilter(flt)
 
 
-def _worker_init(threads: int, verbose: bool) -> None:
+def _worker_init(threads: int, verbose: bool, flush_denormal: bool = True) -> None:
     import torch
 
+    torch.set_flush_denormal(flush_denormal)  # first: the worker's torch threads inherit it when they start
     torch.set_num_threads(threads)
     if not verbose:
         _quiet(True).__enter__()  # for the worker's lifetime
@@ -252,7 +253,8 @@ def run_protocol(
 
             threads = max(1, (os.cpu_count() or 1) // workers)
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads, verbose)) as pool:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(threads, verbose, bool(config.get("flush_denormal", True)))) as pool:
                 futures = {pool.submit(run_one, *job): job[3] for job in jobs}
                 for f in tqdm(as_completed(futures), total=len(jobs), desc="evaluate (variant x split)", disable=not progress):
                     results[futures[f]] = f.result()
