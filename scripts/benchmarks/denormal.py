@@ -6,7 +6,9 @@ Why: under the shared recipe MONAI's ``att_trans`` heads collapse and about 2 % 
 denormals (|x| < 1.2e-38; measured on the co-location cohorts, docs/performance.md). x86 CPUs handle those in
 microcode, so every matrix product touching them slows down. The benchmark reproduces that state on random
 features: a freshly built model with ``--fraction`` of every weight matrix's entries set to random denormals.
-Ratio baseline: the same model and steps with ``flush_denormal`` off, measured in the same run.
+Ratio baseline: the same model and steps with ``flush_denormal`` off, measured in the same run. Run it with
+``OMP_NUM_THREADS=1``: it switches flushing between rows, which reaches the calling thread only once torch's thread
+pool exists (the bundle sets it before the pool starts, so its threads inherit it).
 """
 
 from __future__ import annotations
