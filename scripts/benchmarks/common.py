@@ -54,6 +54,16 @@ def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def random_bags(batch: int, per_cluster: int, features: int, clusters: int = 8):
+    """Seeded random training bags of the benchmarks' size: features ``[batch, 3 scales, clusters x per_cluster,
+    features]``, an all-true mask and binary labels (``torch.manual_seed(0)`` first, so every benchmark draws the same)."""
+    import torch
+
+    torch.manual_seed(0)
+    n = clusters * per_cluster
+    return torch.randn(batch, 3, n, features), torch.ones(batch, n, dtype=torch.bool), torch.randint(0, 2, (batch,))
+
+
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:
     """Best wall time of ``repeat`` calls (seconds)."""
     best = float("inf")

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from scripts.benchmarks.common import report, timed
+from scripts.benchmarks.common import random_bags, report, timed
 from scripts.mil.losses import MILLoss
 from scripts.mil.registry import build_model
 
@@ -61,11 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
     k = 8
-    x = torch.randn(args.batch, 3, k * args.per_cluster, args.features)
-    mask = torch.ones(args.batch, k * args.per_cluster, dtype=torch.bool)
-    y = torch.randint(0, 2, (args.batch,))
+    x, mask, y = random_bags(args.batch, args.per_cluster, args.features, k)
     rows, rates = [], {}
     try:
         for state, flush in (("denormals", False), ("denormals", True), ("zeroed", False)):

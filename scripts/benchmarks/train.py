@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from scripts.benchmarks.common import report, timed
+from scripts.benchmarks.common import random_bags, report, timed
 from scripts.mil.losses import MILLoss
 from scripts.mil.registry import MODELS, build_model
 
@@ -22,11 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
     k = 8
-    x = torch.randn(args.batch, 3, k * args.per_cluster, args.features)
-    mask = torch.ones(args.batch, k * args.per_cluster, dtype=torch.bool)
-    y = torch.randint(0, 2, (args.batch,))
+    x, mask, y = random_bags(args.batch, args.per_cluster, args.features, k)
     rows, rates = [], {}
     for name in MODELS:
         net = build_model(name, in_features=args.features, num_clusters=k)
