@@ -110,6 +110,37 @@ def test_missing_or_incomplete_repository_names_the_folder_and_the_export_comman
         DeployModels(repo)
 
 
+def test_the_app_flushes_denormals_first_unless_told_not_to(monkeypatch):
+    """The app sets the bundle's flush_denormal (CSMIL_FLUSH_DENORMAL, default on) before its input checks and its
+    graph (threads started later inherit it: tests/test_config_layer.py); 0 keeps denormals; a bad value is one
+    error naming the variable, exit code 1."""
+    from scripts.deploy import app, main as deploy_main
+
+    small = torch.tensor([1e-30])  # times 1e-10: a denormal, or zero when flushed
+    seen = []
+
+    def preflight(argv):
+        seen.append((small * 1e-10).item() == 0.0)
+        raise BundleInputError("slides", "stop here", "none")
+
+    monkeypatch.setattr(app, "preflight", preflight)
+    try:
+        for value, flushed in ((None, True), ("0", False), ("yes", True)):
+            torch.set_flush_denormal(not flushed)
+            if value is None:
+                monkeypatch.delenv("CSMIL_FLUSH_DENORMAL", raising=False)
+            else:
+                monkeypatch.setenv("CSMIL_FLUSH_DENORMAL", value)
+            assert deploy_main.main(["-i", "x"]) == 1 and seen[-1] == flushed
+        monkeypatch.setenv("CSMIL_FLUSH_DENORMAL", "maybe")
+        with pytest.raises(BundleInputError, match="CSMIL_FLUSH_DENORMAL: 'maybe' is not a switch.*1 .* or 0"):
+            deploy_main.set_cpu_numerics()
+    finally:
+        torch.set_flush_denormal(False)
+    assert len(seen) == 3
+    assert "CSMIL_FLUSH_DENORMAL" in (ROOT / "docs" / "deploy.md").read_text()
+
+
 def test_packaging_files_are_in_step_with_the_bundle():
     meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
     app = yaml.safe_load((ROOT / "deploy" / "app.yaml").read_text())

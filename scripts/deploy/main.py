@@ -4,11 +4,28 @@ file and the fix, and a non-zero exit code."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from scripts.errors import find_input_error
+from scripts.errors import BundleInputError, find_input_error
 
 logger = logging.getLogger(__name__)
+
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def set_cpu_numerics() -> bool:
+    """Flush denormal floats to zero in CPU arithmetic unless ``CSMIL_FLUSH_DENORMAL`` is 0 (the bundle's
+    ``flush_denormal``, default on: a collapsed transformer head's denormal weights are computed in microcode, up to
+    27x slower; no effect on GPUs). Called first, before torch's thread pool and the Holoscan executor start their
+    threads, which inherit the setting. Returns the setting."""
+    import torch
+
+    value = os.environ.get("CSMIL_FLUSH_DENORMAL", "1").strip().lower()
+    if value not in _FLAGS:
+        raise BundleInputError("CSMIL_FLUSH_DENORMAL", f"{value!r} is not a switch", "set it to 1 (flush, the default) or 0")
+    torch.set_flush_denormal(_FLAGS[value])
+    return _FLAGS[value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.deploy.app import CSMILDeployApp, preflight
 
     try:
+        set_cpu_numerics()
         preflight(argv)
         CSMILDeployApp(argv).run() if argv else CSMILDeployApp().run()
     except Exception as exc:  # noqa: BLE001 - input errors become one line, the rest keep their traceback
