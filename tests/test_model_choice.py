@@ -35,6 +35,29 @@ def test_a_model_missing_a_cell_is_listed_but_not_a_candidate():
         choose_default({"b": {"a/0": 0.99}}, GRID, {"b": 1})
 
 
+def test_a_partial_row_is_bounded_and_says_whether_its_missing_cells_could_change_the_default():
+    """Mean and paired lead on the cells it has; with AUC 1 in the missing cells a low partial model cannot lead,
+    and with more parameters than the default a tie would not pick it either; fewer parameters, or a bound that
+    reaches the leader, leave the default open."""
+    auc = {"a": {c: 0.9 for c in GRID}, "low": {"a/0": 0.5, "a/1": 0.4, "b/0": 0.45}, "one": {"a/0": 0.5},
+           "cheap": {"a/0": 0.5, "a/1": 0.5, "b/0": 0.5}}
+    chosen, rows = choose_default(auc, GRID, {"a": 10, "low": 20, "one": 20, "cheap": 5})
+    by = {r["model"]: r for r in rows}
+    assert chosen == "a" and [r["model"] for r in rows] == ["a", "cheap", "low", "one"]
+    low = by["low"]
+    assert low["cells"] == 3 and low["mean_auc"] == pytest.approx(0.45) and low["diff_to_leader"] == pytest.approx(0.45)
+    assert low["se"] == pytest.approx(0.05 / 3 ** 0.5) and low["best_possible"] == pytest.approx(2.35 / 4)
+    assert low["can_change_default"] is False and not low["chosen"]
+    assert by["one"]["best_possible"] == pytest.approx(3.5 / 4) and by["one"]["can_change_default"] is False
+    assert by["cheap"]["best_possible"] < 0.9 and by["cheap"]["can_change_default"] is True  # fewer parameters than a
+    assert choose_default(auc, GRID, {"a": 10, "low": 20, "one": 20, "cheap": 50})[1][1]["can_change_default"] is False
+    close = {"a": {c: 0.9 for c in GRID}, "near": {"a/0": 0.96, "a/1": 0.96, "b/0": 0.7}}
+    assert choose_default(close, GRID, {"a": 1, "near": 2})[1][1]["can_change_default"] is True  # 0.905 with a 1 in b/1
+    table = markdown(rows)
+    assert "| low | 3 | 0.450 (its cells; at most 0.587) | +0.450 ± 0.029 (its cells) | - | 20 | partial: cannot change it |" in table
+    assert "| cheap | 3 |" in table and "partial: its missing cells could change it" in table
+
+
 def test_the_default_model_follows_the_rule_on_the_recorded_results():
     data = json.loads((ROOT / "docs" / "data" / "colocation_protocol.json").read_text())
     chosen, rows = choose_default(data["auc"], data["grid"], model_parameters(list(data["auc"])))

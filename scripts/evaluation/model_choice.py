@@ -10,7 +10,11 @@ The rule:
    100 patients x protocol seeds 0-2 (nine cells). The demo is not a cell: on 20-40 patients the spread between
    protocol seeds is larger than the gaps between models (docs/evaluation.md).
 2. **Candidates** are the models with a combined (out-of-fold) AUC in every cell; a model missing a cell is listed
-   but cannot be chosen (it has not been measured on the same evidence).
+   but cannot be chosen (it has not been measured on the same evidence). Its row shows its mean over the cells it
+   has, the leader's paired lead on those cells, and whether its missing cells could still change the default: they
+   cannot when, even with AUC 1 in every missing cell, its mean stays below the leader's (so it cannot lead) and it
+   has more parameters than the default (so a tie with the leader would not pick it). This bounds, it does not
+   measure: the row stays partial until its cells are recorded.
 3. **Score**: the mean combined AUC over the cells. The *leader* has the highest score.
 4. **Ties go to the simpler model.** A candidate whose mean paired difference to the leader (leader minus
    candidate, cell by cell) is within ``z`` = 2 standard errors (the per-cell differences' sd / sqrt(cells)) is
@@ -50,10 +54,22 @@ def choose_default(auc: Mapping[str, Mapping[str, float]], grid: Sequence[str], 
     chosen = min(tied, key=lambda m: (parameters[m], -score[m]))
     for r in rows:
         r["chosen"] = r["model"] == chosen
-    for m in sorted(set(auc) - set(candidates)):
-        rows.append({"model": m, "cells": sum(c in auc[m] for c in grid), "mean_auc": float("nan"), "diff_to_leader": float("nan"),
-                     "se": float("nan"), "tied_with_leader": False, "parameters": int(parameters[m]), "chosen": False})
-    return chosen, rows
+    partial = [partial_row(m, auc, grid, leader, score[leader], parameters, parameters[chosen]) for m in set(auc) - set(candidates)]
+    return chosen, rows + sorted(partial, key=lambda r: (-r["cells"], -(r["mean_auc"] if r["cells"] else -1.0), r["model"]))
+
+
+def partial_row(model: str, auc: Mapping[str, Mapping[str, float]], grid: Sequence[str], leader: str, leader_score: float,
+                parameters: Mapping[str, int], chosen_parameters: int) -> dict:
+    """The row of a model missing cells (rule, step 2): mean and the leader's paired lead on the cells it has,
+    ``best_possible`` (its mean with AUC 1 in every missing cell) and ``can_change_default``."""
+    have = [c for c in grid if c in auc[model]]
+    d = np.array([auc[leader][c] - auc[model][c] for c in have])
+    best = float((sum(auc[model][c] for c in have) + len(grid) - len(have)) / len(grid))
+    return {"model": model, "cells": len(have), "mean_auc": float(np.mean([auc[model][c] for c in have])) if have else float("nan"),
+            "diff_to_leader": float(d.mean()) if have else float("nan"),
+            "se": float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"), "tied_with_leader": False,
+            "parameters": int(parameters[model]), "chosen": False, "best_possible": best,
+            "can_change_default": bool(best >= leader_score or parameters[model] <= chosen_parameters)}
 
 
 def model_parameters(names: Sequence[str], in_features: int = 2048) -> dict[str, int]:
@@ -64,14 +80,22 @@ def model_parameters(names: Sequence[str], in_features: int = 2048) -> dict[str,
 
 
 def markdown(rows: Sequence[dict]) -> str:
-    """The rule's table."""
+    """The rule's table (a partial row: its numbers are on the cells it has, and the default column says whether
+    its missing cells could change the default)."""
     out = ["| model | cells | mean combined AUC | leader - model (± se) | tied with the leader | parameters | default |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        diff = "-" if math.isnan(r["diff_to_leader"]) else f"{r['diff_to_leader']:+.3f} ± {r['se']:.3f}"
+        part = "best_possible" in r
+        diff = "-" if math.isnan(r["diff_to_leader"]) else f"{r['diff_to_leader']:+.3f}" + ("" if math.isnan(r["se"]) else f" ± {r['se']:.3f}")
         mean = "-" if math.isnan(r["mean_auc"]) else f"{r['mean_auc']:.3f}"
-        out.append(f"| {r['model']} | {r['cells']} | {mean} | {diff} | {'yes' if r['tied_with_leader'] else 'no'} | "
-                   f"{r['parameters']:,} | {'**yes**' if r['chosen'] else ''} |")
+        if part:
+            mean += f" (its cells; at most {r['best_possible']:.3f})"
+            diff += " (its cells)" if diff != "-" else ""
+            default = "partial: its missing cells could change it" if r["can_change_default"] else "partial: cannot change it"
+        else:
+            default = "**yes**" if r["chosen"] else ""
+        out.append(f"| {r['model']} | {r['cells']} | {mean} | {diff} | {'-' if part else 'yes' if r['tied_with_leader'] else 'no'} | "
+                   f"{r['parameters']:,} | {default} |")
     return "\n".join(out)
 
 
@@ -84,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     data = json.loads(Path(args.results).read_text())
     chosen, rows = choose_default(data["auc"], data["grid"], model_parameters(list(data["auc"])), args.z)
     print(markdown(rows))
-    print(f"\ndefault by the rule: {chosen}")
+    open_rows = [r["model"] for r in rows if r.get("can_change_default")]
+    print(f"\ndefault by the rule: {chosen}" + (f" (not settled: the missing cells of {', '.join(open_rows)} could change it)"
+                                                 if open_rows else ""))
 
 
 if __name__ == "__main__":
