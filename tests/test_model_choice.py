@@ -64,3 +64,20 @@ def test_the_default_model_follows_the_rule_on_the_recorded_results():
     default = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["mil_model"]
     assert chosen == default, markdown(rows)
     assert "**yes**" in markdown(rows).splitlines()[2 + [r["model"] for r in rows].index(default)]
+
+
+def test_the_command_lists_every_registry_model_and_says_what_is_not_settled(tmp_path, capsys):
+    """A registry model without a recorded cell is a row of 0 cells whose cells could change the default; the last
+    line names the models that keep it open."""
+    from scripts.evaluation.model_choice import main
+    from scripts.mil.registry import MODELS
+
+    cells = {c: 0.9 for c in GRID}
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"grid": GRID, "auc": {"dsmil": cells, "csmil": {c: 0.6 for c in GRID}}}))
+    main([str(path)])
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    assert len(lines) == len(MODELS) and lines[0].startswith("| dsmil | 4 | 0.900 |") and "**yes**" in lines[0]
+    assert "| monai_att_trans_pyramid | 0 | - (no cells; at most 1.000) | - | - |" in out
+    assert "default by the rule: dsmil (not settled: the missing cells of " in out and "monai_att_trans_pyramid" in out.splitlines()[-1]

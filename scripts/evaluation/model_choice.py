@@ -89,7 +89,7 @@ def markdown(rows: Sequence[dict]) -> str:
         diff = "-" if math.isnan(r["diff_to_leader"]) else f"{r['diff_to_leader']:+.3f}" + ("" if math.isnan(r["se"]) else f" ± {r['se']:.3f}")
         mean = "-" if math.isnan(r["mean_auc"]) else f"{r['mean_auc']:.3f}"
         if part:
-            mean += f" (its cells; at most {r['best_possible']:.3f})"
+            mean += f" ({'its cells; ' if r['cells'] else 'no cells; '}at most {r['best_possible']:.3f})"
             diff += " (its cells)" if diff != "-" else ""
             default = "partial: its missing cells could change it" if r["can_change_default"] else "partial: cannot change it"
         else:
@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results", help="JSON with 'grid' (cells) and 'auc' (model -> cell -> combined AUC)")
     ap.add_argument("--z", type=float, default=2.0)
     args = ap.parse_args(argv)
+    from scripts.mil.registry import MODELS
+
     data = json.loads(Path(args.results).read_text())
-    chosen, rows = choose_default(data["auc"], data["grid"], model_parameters(list(data["auc"])), args.z)
+    auc = {**{m: {} for m in MODELS}, **data["auc"]}  # a registry model without a recorded cell is listed too
+    chosen, rows = choose_default(auc, data["grid"], model_parameters(list(auc)), args.z)
     print(markdown(rows))
     open_rows = [r["model"] for r in rows if r.get("can_change_default")]
     print(f"\ndefault by the rule: {chosen}" + (f" (not settled: the missing cells of {', '.join(open_rows)} could change it)"
