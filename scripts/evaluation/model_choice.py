@@ -99,17 +99,23 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+def apply_rule(path: Path, z: float = 2.0) -> tuple[str, list[dict]]:
+    """:func:`choose_default` on a recorded results file (``grid``, ``auc``), with every registry model listed: one
+    without a recorded cell is a partial row of 0 cells."""
+    from scripts.mil.registry import MODELS
+
+    data = json.loads(Path(path).read_text())
+    auc = {**{m: {} for m in MODELS}, **data["auc"]}
+    return choose_default(auc, data["grid"], model_parameters(list(auc)), z)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.model_choice", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="JSON with 'grid' (cells) and 'auc' (model -> cell -> combined AUC)")
     ap.add_argument("--z", type=float, default=2.0)
     args = ap.parse_args(argv)
-    from scripts.mil.registry import MODELS
-
-    data = json.loads(Path(args.results).read_text())
-    auc = {**{m: {} for m in MODELS}, **data["auc"]}  # a registry model without a recorded cell is listed too
-    chosen, rows = choose_default(auc, data["grid"], model_parameters(list(auc)), args.z)
+    chosen, rows = apply_rule(Path(args.results), args.z)
     print(markdown(rows))
     open_rows = [r["model"] for r in rows if r.get("can_change_default")]
     print(f"\ndefault by the rule: {chosen}" + (f" (not settled: the missing cells of {', '.join(open_rows)} could change it)"
