@@ -11,9 +11,6 @@ from scripts.errors import BundleInputError, find_input_error
 
 logger = logging.getLogger(__name__)
 
-_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
 def set_cpu_numerics() -> bool:
     """Flush denormal floats to zero in CPU arithmetic unless ``CSMIL_FLUSH_DENORMAL`` is 0 (the bundle's
     ``flush_denormal``, default on: a collapsed transformer head's denormal weights are computed in microcode, up to
@@ -21,11 +18,15 @@ def set_cpu_numerics() -> bool:
     threads, which inherit the setting. Returns the setting."""
     import torch
 
-    value = os.environ.get("CSMIL_FLUSH_DENORMAL", "1").strip().lower()
-    if value not in _FLAGS:
-        raise BundleInputError("CSMIL_FLUSH_DENORMAL", f"{value!r} is not a switch", "set it to 1 (flush, the default) or 0")
-    torch.set_flush_denormal(_FLAGS[value])
-    return _FLAGS[value]
+    from scripts.config_values import as_bool
+
+    value = os.environ.get("CSMIL_FLUSH_DENORMAL") or "1"
+    try:
+        flush = as_bool(value)
+    except ValueError:
+        raise BundleInputError("CSMIL_FLUSH_DENORMAL", f"{value!r} is not a switch", "set it to 1 (flush, the default) or 0") from None
+    torch.set_flush_denormal(flush)
+    return flush
 
 
 def main(argv: list[str] | None = None) -> int:
