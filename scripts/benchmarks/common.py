@@ -54,6 +54,16 @@ def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def add_random_bag_args(ap, features: int, steps: int, features_help: str | None = None) -> None:
+    """The options of the benchmarks that time steps on :func:`random_bags` (``--features``, ``--batch``,
+    ``--per-cluster``, ``--steps``) and ``--json``."""
+    ap.add_argument("--features", type=int, default=features, help=features_help)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--per-cluster", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--json", default=None)
+
+
 def random_bags(batch: int, per_cluster: int, features: int, clusters: int = 8):
     """Seeded random training bags of the benchmarks' size: features ``[batch, 3 scales, clusters x per_cluster,
     features]``, an all-true mask and binary labels (``torch.manual_seed(0)`` first, so every benchmark draws the same)."""

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from scripts.benchmarks.common import random_bags, report, timed
+from scripts.benchmarks.common import add_random_bag_args, random_bags, report, timed
 from scripts.mil.losses import MILLoss
 from scripts.mil.registry import build_model
 
@@ -54,12 +54,8 @@ def denormal_count(net: torch.nn.Module) -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks denormal", description=__doc__)
     ap.add_argument("--model", default="monai_att_trans_20x")
-    ap.add_argument("--features", type=int, default=128, help="patch feature size (128: the tiny encoder of the co-location cohorts)")
     ap.add_argument("--fraction", type=float, default=0.02, help="share of each weight matrix set to denormals")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--per-cluster", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--json", default=None)
+    add_random_bag_args(ap, features=128, steps=20, features_help="patch feature size (128: the tiny encoder of the co-location cohorts)")
     args = ap.parse_args(argv)
     k = 8
     x, mask, y = random_bags(args.batch, args.per_cluster, args.features, k)

@@ -9,18 +9,14 @@ import argparse
 
 import torch
 
-from scripts.benchmarks.common import random_bags, report, timed
+from scripts.benchmarks.common import add_random_bag_args, random_bags, report, timed
 from scripts.mil.losses import MILLoss
 from scripts.mil.registry import MODELS, build_model
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.benchmarks train", description=__doc__)
-    ap.add_argument("--features", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--per-cluster", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--json", default=None)
+    add_random_bag_args(ap, features=2048, steps=50)
     args = ap.parse_args(argv)
     k = 8
     x, mask, y = random_bags(args.batch, args.per_cluster, args.features, k)
