@@ -11,6 +11,7 @@ from scripts.errors import BundleInputError, find_input_error
 
 logger = logging.getLogger(__name__)
 
+
 def set_cpu_numerics() -> bool:
     """Flush denormal floats to zero in CPU arithmetic unless ``CSMIL_FLUSH_DENORMAL`` is 0 (the bundle's
     ``flush_denormal``, default on: a collapsed transformer head's denormal weights are computed in microcode, up to
