@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,36 @@ def test_deploy_app_on_the_real_svs_matches_bundle_inference(trained, deploy_rep
     b = np.array([f["properties"]["measurements"]["attention 5x"] for f in gj_ref["features"]])
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert list((tmp_path / "work" / "features").glob("CMU-1-Small-Region-*/features.npy"))  # -w holds the cache
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_the_deploy_app_after_the_current_step_and_the_rerun_resumes(deploy_repo, cmu_svs, tmp_path):
+    """Holoscan keeps the main thread (and would finish the whole input, then exit 0): the app stops at the next
+    feature batch with exit 143, leaves no partial output, and the same command encodes only the rest."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(12):
+        (inputs / f"s{i:02d}.svs").symlink_to(cmu_svs)
+    cmd = [sys.executable, "deploy", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(deploy_repo), "-w", str(tmp_path / "work")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # SIGTERM (docker stop) once the second slide is encoded
+        lines.append(line)
+        if "encoded s01 " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM): rerun the same command to resume"
+    assert "multiscale_tiler_encoders: stopped by SIGTERM" in err and "[error]" not in err and "Traceback" not in err, err[-3000:]
+    encoded = len(re.findall(r"encoded s\d\d ", err))
+    assert 2 <= encoded < 12  # stopped part-way, not at the end of the input
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing downstream ran
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"extracting features of {12 - encoded} / 12 slides" in r.stderr  # the finished slides are not encoded again
+    assert [row["slide_id"] for row in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))] == [f"s{i:02d}" for i in range(12)]
 
 
 @pytest.mark.slow

@@ -130,3 +130,51 @@ def test_the_loss_guard_stops_a_diverging_run_but_not_a_learning_one():
         run([0.7, 0.69, 60.0, 100.0, 0.4, 0.3])
     with pytest.raises(BundleInputError, match=r"iteration 3.*loss is inf"):
         run([0.7, 0.69, float("inf"), 0.5])
+
+
+WATCHED = """
+import sys, threading, time
+from scripts.interrupts import StopRequested, check_stop, install_interrupt_handlers, stop_signal, watch_for_stop
+poll = sys.argv[1] == "poll"
+done = threading.Event()
+def work():  # the work on another thread, the main thread handed over (the Deploy app's Holoscan graph)
+    try:
+        print("ready", flush=True)
+        while True:
+            if poll:
+                check_stop()
+            time.sleep(0.02)
+    except StopRequested as stop:
+        print("stopped", stop.signum, flush=True)
+    finally:
+        done.set()
+install_interrupt_handlers()
+with watch_for_stop() as watching:
+    threading.Thread(target=work, daemon=True).start()
+    done.wait()
+print("watching", watching, "signal", stop_signal(), flush=True)
+"""
+
+
+def _watched(poll: bool, *signals: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED, "poll" if poll else "ignore"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.3)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_signal_reaches_work_off_the_main_thread_at_its_next_check():
+    r = _watched(True, signal.SIGTERM)
+    assert r.returncode == 0, r.stderr  # the caller decides how to end (the Deploy app: one line, exit 143)
+    assert r.stdout.split("\n")[:2] == [f"stopped {int(signal.SIGTERM)}", f"watching True signal {int(signal.SIGTERM)}"]
+    assert "SIGTERM received: stopping after the current step" in r.stderr
+
+
+def test_a_second_signal_ends_work_that_does_not_check_at_once():
+    r = _watched(False, signal.SIGINT, signal.SIGINT)
+    assert r.returncode == 130
+    assert r.stderr.strip().splitlines()[-1] == "interrupted again (SIGINT): stopping now" and "stopped" not in r.stdout

@@ -1,10 +1,12 @@
 """Run the Deploy application with the bundle's error reporting: bad input ends with one line naming the
-file and the fix, and a non-zero exit code."""
+file and the fix, and a non-zero exit code; SIGINT / SIGTERM end it after the current step (feature batch or
+slide) with one line and exit 130 / 143, and the same command resumes from the cached features."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from scripts.errors import BundleInputError, find_input_error
@@ -33,11 +35,18 @@ def set_cpu_numerics() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Build and run :class:`scripts.deploy.app.CSMILDeployApp`; returns the process exit code."""
     from scripts.deploy.app import CSMILDeployApp, preflight
+    from scripts.interrupts import RESUME_HINT, exit_code, install_interrupt_handlers, stop_signal, watch_for_stop
 
     try:
         set_cpu_numerics()
+        install_interrupt_handlers()
         preflight(argv)
-        CSMILDeployApp(argv).run() if argv else CSMILDeployApp().run()
+        with watch_for_stop():  # SIGINT / SIGTERM (docker stop) end the app after the current step, exit 130 / 143
+            CSMILDeployApp(argv).run() if argv else CSMILDeployApp().run()
+        signum = stop_signal()
+        if signum is not None:
+            print(f"interrupted ({signal.Signals(signum).name}): {RESUME_HINT}", file=sys.stderr)
+            return exit_code(signum)
     except Exception as exc:  # noqa: BLE001 - input errors become one line, the rest keep their traceback
         found = find_input_error(exc)
         if found is None:

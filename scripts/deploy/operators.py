@@ -10,8 +10,10 @@ single pass.
 from __future__ import annotations
 
 import logging
+import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from monai.bundle import ConfigParser
@@ -24,10 +26,24 @@ from scripts.features.extraction import extract_cohort
 from scripts.inference.inputs import input_records
 from scripts.inference.outputs import add_slide_outputs, write_cohort_outputs
 from scripts.inference.workflow import SlideInferer
+from scripts.interrupts import StopRequested, check_stop
 from scripts.wsi.slide import SlideReader
 from scripts.wsi.tiling import prepare_slide
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def stoppable(name: str) -> Iterator[None]:
+    """An operator's ``compute``: a stop signal (:func:`scripts.interrupts.check_stop`, polled between feature
+    batches and between slides) ends it without emitting, so nothing downstream runs on part of the input;
+    Holoscan, which saw the same signal, stops the graph and the app exits 130 / 143."""
+    try:
+        check_stop()
+        yield
+    except StopRequested as stop:
+        logger.warning("%s: stopped by %s; finished work is cached: rerun the same command to resume", name,
+                       signal.Signals(stop.signum).name)
 
 
 class SlideLoaderOperator(Operator):
@@ -43,7 +59,8 @@ class SlideLoaderOperator(Operator):
         spec.output("slides")
 
     def compute(self, op_input, op_output, context) -> None:
-        op_output.emit(self.load(), "slides")
+        with stoppable(self.name):
+            op_output.emit(self.load(), "slides")
 
     def load(self) -> list[SlideRecord]:
         """Records of the input's slides, each checked to open with a known µm per px."""
@@ -75,12 +92,16 @@ class MultiScaleEncoderOperator(Operator):
         spec.output("entries")
 
     def compute(self, op_input, op_output, context) -> None:
-        op_output.emit(self.encode(op_input.receive("slides")), "entries")
+        with stoppable(self.name):
+            op_output.emit(self.encode(op_input.receive("slides")), "entries")
 
     def encode(self, records: Sequence[SlideRecord]) -> list:
         """Feature entries (``scripts.features.store.FeatureEntry``) of ``records``, in order."""
         s = self.models.settings
-        tiles = [prepare_slide(r.slide_id, r.path, self.work_dir, self.models.tiling, r.mpp) for r in records]
+        tiles = []
+        for r in records:
+            check_stop()
+            tiles.append(prepare_slide(r.slide_id, r.path, self.work_dir, self.models.tiling, r.mpp))
         transform = ConfigParser({"preprocessing": s["preprocessing"]}).get_parsed_content("preprocessing")
         entries = extract_cohort(records, tiles, self.work_dir / "features", self.models.encoders, s["encoder_arch"], transform,
                                  s["scale_keys"], preprocessing=s["preprocessing_signature"], batch_size=s["feature_batch_size"],
@@ -104,11 +125,16 @@ class CSMILInferenceOperator(Operator):
         spec.output("predictions")
 
     def compute(self, op_input, op_output, context) -> None:
-        op_output.emit(self.predict(op_input.receive("entries")), "predictions")
+        with stoppable(self.name):
+            op_output.emit(self.predict(op_input.receive("entries")), "predictions")
 
     def predict(self, entries: Sequence) -> list[tuple]:
         network = self.models.network.to(self.device)
-        return list(zip(entries, self.inferer(entries, network)))
+        out = []
+        for e in entries:  # one slide at a time (each slide's bags are seeded by its id: the same numbers)
+            check_stop()
+            out += zip([e], self.inferer([e], network))
+        return out
 
 
 class AttentionMapWriterOperator(Operator):
@@ -123,16 +149,20 @@ class AttentionMapWriterOperator(Operator):
         spec.input("predictions")
 
     def compute(self, op_input, op_output, context) -> None:
-        self.write(op_input.receive("predictions"))
+        with stoppable(self.name):
+            self.write(op_input.receive("predictions"))
 
     def write(self, predictions: Sequence[tuple]) -> list[dict]:
         s = self.models.settings
         rows: list[dict] = []
-        for entry, pred in predictions:
-            add_slide_outputs(rows, entry, pred, self.output_dir, s["scales_mpp"], threshold=s["threshold"], masks=None,
-                              heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"], task=s.get("task", "classification"),
-                              class_names=s.get("class_names", []))
-        write_cohort_outputs(rows, self.output_dir, s["scales_mpp"])
+        try:
+            for entry, pred in predictions:
+                check_stop()
+                add_slide_outputs(rows, entry, pred, self.output_dir, s["scales_mpp"], threshold=s["threshold"], masks=None,
+                                  heatmap_mpp=s["heatmap_mpp"], overlay_mpp=s["overlay_mpp"], task=s.get("task", "classification"),
+                                  class_names=s.get("class_names", []))
+        finally:  # stopped part-way: predictions.csv lists exactly the slides written
+            write_cohort_outputs(rows, self.output_dir, s["scales_mpp"])
         for r in rows:
             if "risk" in r:
                 logger.info("%s: risk %.4f", r["slide_id"], r["risk"])

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from scripts.cache import atomic_save_npy, atomic_write_json
 from scripts.features.store import FeatureEntry
+from scripts.interrupts import check_stop
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def cluster_cohort(
     params = {"method": "kmeans", "k": int(k), "scale_index": int(scale_index), "seed": int(seed), "level": "slide"}
     todo = [e for e in entries if e.cluster_params() != params or e.clusters() is None]
     for e in tqdm(todo, desc="cluster slides", disable=not progress or not todo):
+        check_stop()
         feats = e.features()
         if not 0 <= scale_index < feats.shape[1]:
             raise ValueError(f"cluster_scale_index {scale_index} out of range for {feats.shape[1]} scales")

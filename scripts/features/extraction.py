@@ -39,6 +39,7 @@ from scripts.features.patch_loader import CellDealtPatches, loader_slide, patch_
 from scripts.features.stain import hed_jitter
 from scripts.features.stain_views import StainViews, views_path
 from scripts.features.store import FeatureEntry, is_complete
+from scripts.interrupts import check_stop
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +299,7 @@ def _extract(pending, encoders, transform, scale_keys, batch_size, num_workers, 
     with torch.inference_mode(), autocast:
         try:
             for batch in loader:
+                check_stop()  # a stop signal seen off the main thread (the Deploy app): unwind between batches
                 xs = [batch[key].to(device, non_blocking=True) for key in scale_keys]
                 if views is None:
                     feats = _encode(encoders, xs)
