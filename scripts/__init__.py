@@ -5,7 +5,7 @@ The package is imported by the bundle configs (``$import scripts``); each subpac
 clustering), ``mil`` (bags, networks), ``workflows`` (stages, splits, handlers).
 """
 
-__version__ = "0.28.1"
+__version__ = "0.28.2"
 
 from scripts.lazy import lazy_submodules
 
