@@ -47,7 +47,12 @@ class StopRequested(BaseException):
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
-        super().__init__(f"interrupted ({signal.Signals(signum).name}): {RESUME_HINT}")
+        super().__init__(interrupted_line(signum))
+
+
+def interrupted_line(signum: int) -> str:
+    """What an interrupted command prints on stderr: ``interrupted (SIGTERM): rerun the same command to resume``."""
+    return f"interrupted ({signal.Signals(signum).name}): {RESUME_HINT}"
 
 
 def exit_code(signum: int) -> int:
@@ -66,7 +71,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     _interrupted = True
     if "--debug" in sys.argv and frame is not None:
         traceback.print_stack(frame, file=sys.stderr)
-    print(f"interrupted ({signal.Signals(signum).name}): {RESUME_HINT}", file=sys.stderr, flush=True)
+    print(interrupted_line(signum), file=sys.stderr, flush=True)
     raise SystemExit(exit_code(signum))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 
 from scripts.errors import BundleInputError, find_input_error
@@ -35,7 +34,7 @@ def set_cpu_numerics() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Build and run :class:`scripts.deploy.app.CSMILDeployApp`; returns the process exit code."""
     from scripts.deploy.app import CSMILDeployApp, preflight
-    from scripts.interrupts import RESUME_HINT, exit_code, install_interrupt_handlers, stop_signal, watch_for_stop
+    from scripts.interrupts import exit_code, install_interrupt_handlers, interrupted_line, stop_signal, watch_for_stop
 
     try:
         set_cpu_numerics()
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             CSMILDeployApp(argv).run() if argv else CSMILDeployApp().run()
         signum = stop_signal()
         if signum is not None:
-            print(f"interrupted ({signal.Signals(signum).name}): {RESUME_HINT}", file=sys.stderr)
+            print(interrupted_line(signum), file=sys.stderr)
             return exit_code(signum)
     except Exception as exc:  # noqa: BLE001 - input errors become one line, the rest keep their traceback
         found = find_input_error(exc)

@@ -133,7 +133,7 @@ class CSMILInferenceOperator(Operator):
         out = []
         for e in entries:  # one slide at a time (each slide's bags are seeded by its id: the same numbers)
             check_stop()
-            out += zip([e], self.inferer([e], network))
+            out.append((e, self.inferer([e], network)[0]))
         return out
 
 
