@@ -35,7 +35,6 @@ RESUME_HINT = "rerun the same command to resume"
 _installed_in: int | None = None
 _interrupted = False
 _stop_signal: int | None = None  # the first signal the watcher saw (watch_for_stop)
-_stop_event = threading.Event()
 _handed_over = False  # inside watch_for_stop: the watcher thread, not the main thread's handler, acts
 _watcher_started = False
 
@@ -137,7 +136,6 @@ def _watch(read_fd: int) -> None:
                 os._exit(exit_code(signum))
             _stop_signal = int(signum)
             logger.warning("%s received: stopping after the current step (again to stop at once)", signal.Signals(signum).name)
-            _stop_event.set()
 
 
 def stop_signal() -> int | None:
@@ -148,5 +146,5 @@ def stop_signal() -> int | None:
 def check_stop() -> None:
     """Raise :class:`StopRequested` when a stop signal arrived (:func:`watch_for_stop`); a no-op otherwise (also
     in every process that did not call it, where the signal handler itself ends the command)."""
-    if _stop_event.is_set():
-        raise StopRequested(_stop_signal or signal.SIGTERM)
+    if _stop_signal is not None:
+        raise StopRequested(_stop_signal)
